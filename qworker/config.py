@@ -1,0 +1,50 @@
+"""Engine configuration: the knobs of the continuous-batching loop (pure Python)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """How the engine schedules and sizes its KV cache.
+
+    max_num_seqs: most requests running at once.
+    max_num_batched_tokens: token budget of one step (decodes + prefill chunks).
+    block_size: tokens per KV block.
+    num_kv_blocks: size of the KV pool; None sizes it from memory
+        (``gpu_memory_utilization`` on CUDA, ``cpu_kv_cache_gb`` on the CPU).
+    enable_prefix_caching: reuse full KV blocks of identical prefixes.
+    max_model_len: longest prompt + output; None takes the model's own limit.
+    """
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.90
+    cpu_kv_cache_gb: float = 1.0
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            positive_int(name)
+        if self.block_size & (self.block_size - 1) or self.block_size > 256:
+            raise ValueError(f"block_size must be a power of two <= 256 (16 or 32 on CUDA), "
+                             f"got {self.block_size}")
+        if self.num_kv_blocks is not None:
+            positive_int("num_kv_blocks")
+        if self.max_model_len is not None:
+            positive_int("max_model_len")
+        if not 0.05 <= self.gpu_memory_utilization <= 0.99:
+            raise ValueError("gpu_memory_utilization must be in [0.05, 0.99], "
+                             f"got {self.gpu_memory_utilization}")
+        if not self.cpu_kv_cache_gb > 0:
+            raise ValueError(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")

@@ -1,0 +1,138 @@
+"""Reference ops in plain torch: the CPU path, and the oracle of the Triton kernels.
+
+Each function here has a Triton twin in ``qworker_kernels`` with the same signature;
+``qworker.model.ops_dispatch`` (the model's import) picks one by device.
+Shapes: T tokens, H hidden, Hq/Hkv query/KV heads, D head_dim, B requests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [T, H] -> [T, H]; computed in float32, returned in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (rms_norm(x + residual), x + residual); both [T, H] in x's dtype."""
+    s = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm(s, weight, eps), s
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] (gate | up) -> silu(gate) * up: [T, I]."""
+    i = x.shape[-1] // 2
+    g, u = x[..., :i].float(), x[..., i:].float()
+    return (torch.nn.functional.silu(g) * u).to(x.dtype)
+
+
+def rope_cos_sin_cache(head_dim: int, max_position: int, base: float,
+                       scaling: dict | None = None, partial_rotary_factor: float = 1.0,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """[max_position, rot_dim] float32 = cat(cos, sin) over rot_dim/2 frequencies each.
+
+    ``scaling`` follows Hugging Face's ``rope_scaling``: None/"default", or
+    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"}; "linear" divides positions by ``factor``.
+    """
+    rot_dim = int(head_dim * partial_rotary_factor)
+    # float32 throughout, as Hugging Face computes it, so fp32 runs match it token for token.
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim))
+    t = torch.arange(max_position, dtype=torch.float32)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+        old_len = scaling["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        mid = (1 - smooth) * scaled / factor + smooth * scaled
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(is_mid, mid, scaled)
+    elif kind == "linear":
+        t = t / scaling["factor"]
+    elif kind not in ("default", None):
+        raise ValueError(f"unsupported rope scaling {kind!r} (supported: default, linear, llama3)")
+    freqs = torch.outer(t, inv_freq.float())
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style rotary on the first rot_dim dims of each head.
+
+    q: [T, Hq, D], k: [T, Hkv, D], positions: [T], cos_sin_cache: [max_pos, rot_dim].
+    Returns new (q, k) in their dtypes.
+    """
+    cs = cos_sin_cache.index_select(0, positions)          # [T, rot_dim]
+    half = cs.shape[-1] // 2
+    cos, sin = cs[:, None, :half], cs[:, None, half:]       # [T, 1, rot/2]
+
+    def rot(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        x1, x2, rest = xf[..., :half], xf[..., half:2 * half], xf[..., 2 * half:]
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+        return out.to(x.dtype)
+
+    return rot(q), rot(k)
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write key/value [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at slots.
+
+    A slot of -1 is skipped (padding tokens).
+    """
+    nb, bs, hkv, d = k_cache.shape
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(nb * bs, hkv, d)[slots] = key[keep].to(k_cache.dtype)
+    v_cache.view(nb * bs, hkv, d)[slots] = value[keep].to(v_cache.dtype)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                    block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a mixed batch of prefill chunks and decodes through block tables.
+
+    q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; query_start_loc: [B+1];
+    seq_lens: [B] (context length including this step's tokens); block_tables: [B, M].
+    Request b's q_len queries are its last q_len tokens; each attends to its own position
+    and everything before it. Computed per request in float32, so a request's result does
+    not depend on the rest of the batch. Returns [T, Hq, D] in q's dtype.
+    """
+    _, bs, hkv, d = k_cache.shape
+    hq = q.shape[1]
+    group = hq // hkv
+    out = torch.empty_like(q)
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        start, end = qsl[b], qsl[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        nblk = (seq_len + bs - 1) // bs
+        blocks = block_tables[b, :nblk].long()
+        k = k_cache[blocks].reshape(nblk * bs, hkv, d)[:seq_len].float()   # [S, Hkv, D]
+        v = v_cache[blocks].reshape(nblk * bs, hkv, d)[:seq_len].float()
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)                          # [S, Hq, D]
+            v = v.repeat_interleave(group, dim=1)
+        qb = q[start:end].float().transpose(0, 1)                          # [Hq, q_len, D]
+        scores = torch.matmul(qb, k.permute(1, 2, 0)) * scale              # [Hq, q_len, S]
+        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)        # [q_len, 1]
+        k_pos = torch.arange(seq_len).unsqueeze(0)                         # [1, S]
+        scores.masked_fill_(k_pos > q_pos, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1).to(q.dtype)
+    return out
