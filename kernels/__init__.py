@@ -1,0 +1,22 @@
+"""Triton kernels for qworker, the GPU twins of ``qworker.model.ops``.
+
+Every public function has exactly the signature of its torch reference in
+``qworker/model/ops.py`` (plus optional keyword-only arguments) and is checked against
+it by ``tests/test_kernels.py``. On a machine without CUDA the kernels run only under
+Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
+"""
+
+from .activation import silu_and_mul
+from .attention import paged_attention
+from .cache import store_kvcache
+from .norm import fused_add_rms_norm, rms_norm
+from .rotary import apply_rotary
+
+__all__ = [
+    "apply_rotary",
+    "fused_add_rms_norm",
+    "paged_attention",
+    "rms_norm",
+    "silu_and_mul",
+    "store_kvcache",
+]

@@ -1,0 +1,87 @@
+"""The ops the model calls, routed by device: Triton kernels on CUDA, torch elsewhere.
+
+Same names and signatures as ``qworker.model.ops``. ``qworker_kernels`` (the top-level
+``kernels/`` folder) is imported lazily on the first CUDA call; if it is missing or fails
+to import, or ``QWORKER_DISABLE_KERNELS=1`` is set, every call uses the torch reference
+(with one warning when CUDA tensors meet missing kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+
+from qworker.model import ops
+from qworker.model.ops import rope_cos_sin_cache
+
+__all__ = [
+    "apply_rotary", "fused_add_rms_norm", "kernels_module", "paged_attention", "rms_norm",
+    "rope_cos_sin_cache", "silu_and_mul", "store_kvcache",
+]
+
+log = logging.getLogger(__name__)
+_kernels: ModuleType | None | bool = None      # None: not tried yet; False: unavailable
+
+
+def kernels_module() -> ModuleType | None:
+    """The imported ``qworker_kernels`` module, or None when it cannot be used."""
+    global _kernels
+    if _kernels is None:
+        if os.environ.get("QWORKER_DISABLE_KERNELS", "") not in ("", "0"):
+            _kernels = False
+        else:
+            try:
+                import qworker_kernels
+                _kernels = qworker_kernels
+            except Exception as e:  # noqa: BLE001 - any failure means "use the reference"
+                log.warning("qworker_kernels unavailable (%s: %s); using torch ops on CUDA",
+                            type(e).__name__, e)
+                _kernels = False
+    return _kernels or None
+
+
+def _pick(name: str, t: torch.Tensor) -> Callable:
+    if t.is_cuda:
+        k = kernels_module()
+        if k is not None and hasattr(k, name):
+            return getattr(k, name)
+    return getattr(ops, name)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _pick("rms_norm", x)(x, weight, eps)
+
+
+def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pick("fused_add_rms_norm", x)(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _pick("silu_and_mul", x)(x)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pick("apply_rotary", q)(q, k, positions, cos_sin_cache)
+
+
+def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    _pick("store_kvcache", key)(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                    block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+    return _pick("paged_attention", q)(q, k_cache, v_cache, query_start_loc, seq_lens,
+                                       block_tables, scale)
+
+
+for _f in (rms_norm, fused_add_rms_norm, silu_and_mul, apply_rotary, store_kvcache,
+           paged_attention):
+    _f.__doc__ = getattr(ops, _f.__name__).__doc__

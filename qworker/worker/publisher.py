@@ -1,0 +1,180 @@
+"""The publisher thread: every step's events for all jobs in one pipelined round trip.
+
+The engine loop hands over a batch of ops per step and never waits for Redis. Ops run in
+order, each a fenced Lua script (see ``scripts.py``): PUBLISH + XADD to the replay log,
+and on a final event SET NX the result, XACK + XDEL. While Redis is unreachable, batches
+queue up and are flushed in order once it is back (the scripts are idempotent, so a
+batch cut off half-way is simply sent again).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis
+import structlog
+
+from qworker.worker.connection import REDIS_ERRORS, Backoff, RedisSettings
+from qworker.worker.keys import Keys
+from qworker.worker.scripts import ACK, DEAD_LETTER, HANDOFF, PUBLISH
+
+log = structlog.get_logger("qworker.publisher")
+RETRYABLE = ("NOSCRIPT", "LOADING", "BUSY", "OOM", "READONLY", "TRYAGAIN", "MASTERDOWN")
+
+
+class Holdings:
+    """The stream entries this worker holds (read, not yet acked): renewed by the lease
+    loop, released when the publisher acks, hands off or loses them. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._jobs: dict[str, str | None] = {}   # entry id -> job id
+
+    def add(self, entry_id: str, job_id: str | None) -> None:
+        with self._lock:
+            self._jobs[entry_id] = job_id
+
+    def release(self, entry_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(entry_id, None)
+
+    def snapshot(self) -> dict[str, str | None]:
+        with self._lock:
+            return dict(self._jobs)
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+
+@dataclass(slots=True)
+class Op:
+    """One fenced write for one stream entry. ``kind``: publish | dead | handoff | ack."""
+
+    kind: str
+    entry_id: str
+    job_id: str | None = None
+    log_id: str = ""
+    event: bytes = b""
+    final: bool = False
+    result: bytes = b""
+    fields: tuple = ()
+    raw: bytes = b""
+
+    @property
+    def releases(self) -> bool:
+        """Whether this op ends our hold on the entry when it succeeds."""
+        return self.final or self.kind in ("handoff", "ack") or (self.kind == "dead" and
+                                                                  self.job_id is None)
+
+
+class Publisher(threading.Thread):
+    """Runs ops in order on its own connection. ``on_lost(entry_id)`` is called for each
+    entry that turned out not to be ours any more (fenced), from this thread."""
+
+    def __init__(self, settings: RedisSettings, keys: Keys, consumer: str, holdings: Holdings,
+                 on_lost: Callable[[str], None], ttl_s: int, dead_maxlen: int = 100_000,
+                 max_batch: int = 512):
+        super().__init__(name="qworker-publisher", daemon=True)
+        self.settings, self.keys, self.consumer = settings, keys, consumer
+        self.holdings, self.on_lost = holdings, on_lost
+        self.ttl_s, self.dead_maxlen, self.max_batch = ttl_s, dead_maxlen, max_batch
+        self.q: queue.Queue[list[Op] | None] = queue.Queue()
+        self.r: redis.Redis | None = None
+        self.connected = threading.Event()
+        self.sha: dict[str, str] = {}
+
+    def submit(self, ops: list[Op]) -> None:
+        """Queue one step's ops (never blocks)."""
+        if ops:
+            self.q.put(ops)
+
+    def close(self, timeout: float) -> bool:
+        """Flush what is queued (up to ``timeout`` s) and stop; True if all was sent."""
+        self.q.put(None)
+        self.join(timeout)
+        return not self.is_alive()
+
+    def pending(self) -> int:
+        return self.q.qsize()
+
+    def run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = self.q.get()
+            if batch is None:
+                break
+            ops = list(batch)
+            while len(ops) < self.max_batch:  # catch up: several steps in one round trip
+                try:
+                    more = self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                ops.extend(more)
+            self._send(ops)
+
+    def _send(self, ops: list[Op]) -> None:
+        backoff = Backoff()
+        while ops:
+            try:
+                if self.r is None:
+                    self.r = self.settings.connect()
+                    self.sha = {n: self.r.script_load(s) for n, s in
+                                (("publish", PUBLISH), ("dead", DEAD_LETTER),
+                                 ("handoff", HANDOFF), ("ack", ACK))}
+                    self.connected.set()
+                pipe = self.r.pipeline(transaction=False)
+                for op in ops:
+                    self._add(pipe, op)
+                replies = pipe.execute(raise_on_error=False)
+            except REDIS_ERRORS as e:
+                self.connected.clear()
+                self.r = None
+                log.warning("redis unreachable; publishing later", error=str(e),
+                            queued_ops=len(ops))
+                threading.Event().wait(backoff.next())
+                continue
+            retry = []
+            for op, reply in zip(ops, replies, strict=True):
+                if isinstance(reply, Exception):
+                    if isinstance(reply, REDIS_ERRORS) or str(reply).startswith(RETRYABLE):
+                        retry.append(op)
+                    else:
+                        log.error("publish op failed", op=op.kind, entry=op.entry_id,
+                                  job_id=op.job_id, error=str(reply))
+                    continue
+                self._done(op, reply.decode() if isinstance(reply, bytes) else reply)
+            if retry:
+                if any(str(r).startswith("NOSCRIPT") for r in replies if isinstance(r, Exception)):
+                    self.r = None  # Redis restarted without our scripts: reload them
+                threading.Event().wait(backoff.next())
+            ops = retry
+
+    def _add(self, pipe: redis.client.Pipeline, op: Op) -> None:
+        k, base = self.keys, (self.keys.group, self.consumer, op.entry_id)
+        if op.kind == "publish":
+            pipe.evalsha(self.sha["publish"], 4, k.jobs, k.out(op.job_id), k.log(op.job_id),
+                         k.result(op.job_id), *base, op.log_id, op.event, self.ttl_s,
+                         int(op.final), op.result)
+        elif op.kind == "dead":
+            pipe.evalsha(self.sha["dead"], 2, k.jobs, k.dead, *base,
+                         int(op.job_id is None), self.dead_maxlen, *op.fields)
+        elif op.kind == "handoff":
+            pipe.evalsha(self.sha["handoff"], 1, k.jobs, *base, op.raw, self.consumer)
+        else:
+            pipe.evalsha(self.sha["ack"], 1, k.jobs, *base)
+
+    def _done(self, op: Op, reply: object) -> None:
+        if reply in ("lost", 0, "dup"):
+            self.holdings.release(op.entry_id)
+            if reply != 0 or op.kind not in ("handoff", "ack"):
+                log.warning("entry no longer ours; not publishing for it", entry=op.entry_id,
+                            job_id=op.job_id, reason=reply)
+                self.on_lost(op.entry_id)
+        elif op.releases:
+            self.holdings.release(op.entry_id)

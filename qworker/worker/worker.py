@@ -1,0 +1,245 @@
+"""The worker: one engine loop fed by a Redis stream.
+
+    bootstrap -> signal handlers -> loop {inbox (admissions, cancels, lost leases),
+    deadlines, engine step, publish} -> drain -> teardown
+
+The loop itself never touches Redis: the Feeder thread pulls and renews leases, the
+Publisher thread writes events and results, the CancelListener follows cancellations.
+So generation goes on while Redis is away, and nothing the loop produced is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from qworker.worker.connection import RedisSettings
+from qworker.worker.feeder import Budget, CancelListener, Feeder
+from qworker.worker.intake import Admission, Intake
+from qworker.worker.jobs import ActiveJob, dead_letter, now_ms
+from qworker.worker.keys import Keys
+from qworker.worker.protocol import MAX_JOB_BYTES, JobError
+from qworker.worker.publisher import Holdings, Op, Publisher
+
+log = structlog.get_logger("qworker.worker")
+
+
+@dataclass(slots=True)
+class WorkerSettings:
+    """Knobs of one worker (the CLI maps ``--lease-ms`` etc. onto these)."""
+
+    redis: RedisSettings
+    name: str = f"{socket.gethostname()}-{os.getpid()}"
+    keys: Keys = Keys()
+    lease_ms: int = 30_000
+    max_deliveries: int = 3
+    drain_timeout: float = 30.0
+    result_ttl_s: int = 86_400
+    max_job_bytes: int = MAX_JOB_BYTES
+    dead_maxlen: int = 100_000
+
+
+class Worker:
+    """Drives ``engine`` (the Engine API of docs/design.md) from the job stream."""
+
+    def __init__(self, engine: Any, settings: WorkerSettings, model_name: str = ""):
+        self.engine, self.s, self.model_name = engine, settings, model_name
+        self.inbox: queue.Queue = queue.Queue()
+        self.holdings, self.budget = Holdings(), Budget()
+        self.active: dict[str, ActiveJob] = {}          # job id -> state
+        self.cancels: set[str] = set()                    # cancel seen before admission
+        self.ops: list[Op] = []                           # this iteration's writes
+        self.stopping = threading.Event()
+        self.drain_deadline: float | None = None
+        self.tokens_out, self._beat = 0, {}
+
+        intake = Intake(settings.keys, settings.name, engine.tokenizer, engine.vocab_size,
+                        engine.max_model_len, settings.max_deliveries, settings.max_job_bytes)
+        self.feeder = Feeder(settings.redis, intake, self.holdings, self.inbox, self.budget,
+                             settings.lease_ms, self.heartbeat)
+        self.publisher = Publisher(settings.redis, settings.keys, settings.name, self.holdings,
+                                   lambda e: self.inbox.put(("lost", e)), settings.result_ttl_s,
+                                   settings.dead_maxlen)
+        self.cancel_listener = CancelListener(settings.redis, settings.keys, self.holdings,
+                                              self.inbox)
+
+    # ---- lifecycle -----------------------------------------------------------------
+    def run(self, install_signals: bool = True) -> None:
+        """Serve until stopped (SIGTERM/SIGINT or ``stop()``), then drain and return."""
+        if install_signals:
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+        log.info("worker starting", name=self.s.name, model=self.model_name,
+                 lease_ms=self.s.lease_ms, max_deliveries=self.s.max_deliveries)
+        self._report_capacity(0)
+        for t in (self.publisher, self.cancel_listener, self.feeder):
+            t.start()
+        try:
+            while self._iterate():
+                pass
+        finally:
+            self._teardown()
+
+    def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop pulling; finish running jobs within the drain timeout; hand back the rest.
+        A second call hands everything back at once."""
+        timeout = self.s.drain_timeout if drain_timeout is None else drain_timeout
+        if self.stopping.is_set():
+            timeout = 0.0
+        self.drain_deadline = time.monotonic() + timeout
+        self.feeder.intake_open.clear()
+        self.stopping.set()   # flags only: this may run inside a signal handler
+
+    def _teardown(self) -> None:
+        flushed = self.publisher.close(timeout=max(5.0, self.s.lease_ms / 1000))
+        self.cancel_listener.done.set()
+        self.feeder.done.set()
+        self.feeder.join(5)
+        log.info("worker stopped", name=self.s.name, flushed=flushed,
+                 unflushed_batches=self.publisher.pending())
+
+    # ---- the loop ------------------------------------------------------------------
+    def _iterate(self) -> bool:
+        busy = self.engine.has_unfinished()
+        consumed = self._drain_inbox(block=not busy)
+        self._expire()
+        if self.stopping.is_set() and not self._drain():
+            self._flush()
+            return False
+        if self.engine.has_unfinished():
+            for out in self.engine.step():
+                job = self.active.get(out.request_id)
+                if job is None:
+                    continue
+                self.ops.append(job.step(out.new_token_ids, out.text, out.finished,
+                                         out.finish_reason))
+                self.tokens_out += len(out.new_token_ids)
+                if out.finished:
+                    self._forget(job, out.finish_reason)
+        self._flush()
+        self._report_capacity(consumed)
+        return True
+
+    def _drain_inbox(self, block: bool) -> int:
+        consumed = 0
+        try:
+            item = self.inbox.get(timeout=0.05) if block else self.inbox.get_nowait()
+            while True:
+                kind, payload = item
+                if kind == "admit":
+                    consumed += 1
+                    self._admit(payload)
+                elif kind == "cancel":
+                    self._cancel(payload)
+                elif kind == "lost":
+                    self._lost(payload)
+                item = self.inbox.get_nowait()
+        except queue.Empty:
+            return consumed
+
+    def _admit(self, adm: Admission) -> None:
+        if adm.outcome == "duplicate":
+            self.ops.append(Op("ack", adm.entry_id, adm.job_id))
+            return
+        if adm.job_id is not None and adm.job_id in self.active:
+            self.ops.append(Op("ack", adm.entry_id, adm.job_id))   # a second copy: drop it
+            log.warning("duplicate job id already running here", job_id=adm.job_id)
+            return
+        job = ActiveJob.from_admission(adm)
+        if adm.outcome is None and self.stopping.is_set():
+            self.ops.append(Op("handoff", adm.entry_id, adm.job_id, raw=adm.raw))
+            return
+        if adm.outcome is None and adm.job_id in self.cancels:
+            adm.outcome = "cancelled"
+        if adm.outcome is None:
+            try:
+                self.engine.add_request(adm.job_id, adm.prompt_token_ids, adm.job.params,
+                                        adm.job.priority, adm.resumed_token_ids or None)
+            except ValueError as e:
+                adm.outcome, adm.error = "error", JobError("invalid_prompt", str(e))
+        if adm.outcome is None:
+            self.active[adm.job_id] = job
+        elif adm.outcome == "error":
+            self.ops.append(dead_letter(adm, adm.error, self.s.name))
+            if adm.job_id is not None:
+                self.ops.append(job.end("error", adm.error))
+            log.warning("job rejected", job_id=adm.job_id, code=adm.error.code,
+                        error=adm.error.message, entry=adm.entry_id)
+        else:
+            self.ops.append(job.end(adm.outcome))
+            log.info("job ended before start", job_id=adm.job_id, finish_reason=adm.outcome)
+
+    def _cancel(self, job_id: str) -> None:
+        job = self.active.get(job_id)
+        if job is None:
+            self.cancels.add(job_id)
+            return
+        self.engine.abort(job_id)
+        self.ops.append(job.end("cancelled"))
+        self._forget(job, "cancelled")
+
+    def _lost(self, entry_id: str) -> None:
+        for job in list(self.active.values()):
+            if job.adm.entry_id == entry_id:
+                self.engine.abort(job.id)
+                del self.active[job.id]
+                log.warning("lease lost; job dropped here", job_id=job.id, entry=entry_id)
+
+    def _expire(self) -> None:
+        now = now_ms()
+        for job in [j for j in self.active.values() if j.deadline_ms and j.deadline_ms <= now]:
+            self.engine.abort(job.id)
+            self.ops.append(job.end("expired"))
+            self._forget(job, "expired")
+
+    def _drain(self) -> bool:
+        """One drain decision; False when nothing is left to run here."""
+        late = time.monotonic() >= self.drain_deadline
+        for job in list(self.active.values()):
+            if late or job.emitted_here == 0:   # not started here, or out of time
+                self.engine.abort(job.id)
+                self.ops.append(Op("handoff", job.adm.entry_id, job.id, raw=job.adm.raw))
+                del self.active[job.id]
+                log.info("job handed back", job_id=job.id, tokens=len(job.token_ids))
+        return bool(self.active)
+
+    def _forget(self, job: ActiveJob, finish_reason: str | None) -> None:
+        self.active.pop(job.id, None)
+        self.cancels.discard(job.id)
+        log.info("job finished", job_id=job.id, finish_reason=finish_reason,
+                 prompt_tokens=job.num_prompt_tokens, completion_tokens=len(job.token_ids),
+                 resumed_tokens=len(job.adm.resumed_token_ids),
+                 deliveries=job.adm.deliveries, **job.timings())
+
+    def _flush(self) -> None:
+        if self.ops:
+            self.publisher.submit(self.ops)
+            self.ops = []
+
+    def _report_capacity(self, consumed: int) -> None:
+        cap = 0 if self.stopping.is_set() else self.engine.capacity()
+        self.budget.report(cap, consumed)
+        if time.monotonic() - self._beat.get("_t", 0.0) >= 0.25:
+            self._beat = self._stats()
+
+    def _stats(self) -> dict:
+        st = self.engine.stats() if hasattr(self.engine, "stats") else {}
+        t, last = time.monotonic(), self._beat
+        rate = (self.tokens_out - last.get("tokens_out", 0)) / max(1e-3, t - last.get("_t", t))
+        return {"_t": t, "tok_s": round(rate, 1), "model": self.model_name, "pid": os.getpid(), "host": socket.gethostname(),
+                "running": st.get("running", len(self.active)),
+                "waiting": st.get("waiting", 0), "kv_usage": st.get("kv_usage", 0.0),
+                "held": len(self.active), "tokens_out": self.tokens_out,
+                "draining": int(self.stopping.is_set()), "ts_ms": now_ms()}
+
+    def heartbeat(self) -> dict:
+        """The heartbeat hash fields (read by the feeder thread)."""
+        return {k: v for k, v in self._beat.items() if k != "_t"}
