@@ -170,9 +170,10 @@ class AttnConfig:
     num_stages: int
 
 
-# Tuned on an H200 (docs/benchmarks.md, "Kernels (H200)"); the interpreter takes the same.
-_DECODE_TILE_N, _DECODE_WARPS, _DECODE_STAGES = 64, 4, 3
-_PREFILL_BLOCK_M, _PREFILL_TILE_N, _PREFILL_WARPS, _PREFILL_STAGES = 64, 64, 4, 2
+# Swept on an H200 with Llama-3.1-8B heads (docs/benchmarks.md, "Kernels (H200)"):
+# decode within ~5% of the best swept config at every shape; the interpreter takes the same.
+_DECODE_TILE_N, _DECODE_WARPS, _DECODE_STAGES = 128, 4, 3
+_PREFILL_BLOCK_M, _PREFILL_TILE_N, _PREFILL_WARPS, _PREFILL_STAGES = 128, 32, 4, 3
 _MIN_TOKENS_PER_SPLIT = 256      # below this a split costs more than it brings
 _MAX_SPLITS = 16
 _MAX_PARTIAL_BYTES = 64 << 20    # cap on the fp32 split workspace
@@ -180,7 +181,7 @@ _MAX_PARTIAL_BYTES = 64 << 20    # cap on the fp32 split workspace
 
 def choose_config(num_tokens: int, num_reqs: int, num_kv_heads: int, group: int,
                   head_dim: int, max_query_len: int, max_seq_len: int,
-                  device: torch.device) -> AttnConfig:
+                  device: torch.device, elem_bytes: int = 2) -> AttnConfig:
     """Host-side heuristic: decode-shaped tiles for short queries, splits for long contexts."""
     if max_query_len * group <= 16:
         block_m, tile_n, warps, stages = max(16, next_pow2(group)), _DECODE_TILE_N, \
@@ -188,9 +189,12 @@ def choose_config(num_tokens: int, num_reqs: int, num_kv_heads: int, group: int,
     else:
         block_m, tile_n, warps, stages = max(_PREFILL_BLOCK_M, next_pow2(group)), \
             _PREFILL_TILE_N, _PREFILL_WARPS, _PREFILL_STAGES
+    if elem_bytes > 2:       # float32 tiles: keep the pipelined K/V buffers in shared memory
+        stages = min(stages, 2)
     block_q = block_m // group
-    programs = (num_tokens // block_q + num_reqs) * num_kv_heads
-    want = triton.cdiv(4 * sm_count(device), programs)         # aim for ~4 waves
+    q_blocks = min(num_tokens // block_q + num_reqs, num_reqs * triton.cdiv(max_query_len,
+                                                                              block_q))
+    want = triton.cdiv(4 * sm_count(device), q_blocks * num_kv_heads)   # aim for ~4 waves
     by_len = max_seq_len // _MIN_TOKENS_PER_SPLIT
     by_mem = _MAX_PARTIAL_BYTES // max(1, num_tokens * num_kv_heads * group * head_dim * 4)
     splits = max(1, min(want, by_len, by_mem, _MAX_SPLITS))
@@ -235,7 +239,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             t, num_reqs, hkv, group, d,
             max(1, max_query_len if max_query_len is not None else t - num_reqs + 1),
             max_seq_len if max_seq_len is not None else block_tables.shape[1] * bs,
-            q.device)
+            q.device, q.element_size())
     block_q = config.block_m // group
     if block_q < 1:
         raise ValueError(f"block_m {config.block_m} < GQA group {group}")

@@ -85,7 +85,7 @@ def configure_logging(level: str | int = "info", json: bool | None = None,
     """Set up structlog and stdlib logging for the whole process.
 
     ``json=None`` picks JSON lines when ``stream`` (default stderr) is not a terminal and
-    a colourless-if-needed console format when it is. Calling it again replaces the
+    the readable (coloured) console format when it is. Calling it again replaces the
     previous set-up (tests and the CLI may both call it).
     """
     stream = stream or sys.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
 # Hard ceilings that protect a worker from absurd requests; a job asking for more gets an
@@ -41,12 +42,9 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        elif self.stop is None:
-            self.stop = []
-        if self.stop_token_ids is None:
-            self.stop_token_ids = []
-        self.stop = list(self.stop)
-        self.stop_token_ids = list(self.stop_token_ids)
+        self.stop = _as_list("stop", self.stop, "a string or a list of strings")
+        self.stop_token_ids = _as_list("stop_token_ids", self.stop_token_ids,
+                                       "a list of token ids")
         self._validate()
 
     def _validate(self) -> None:
@@ -104,16 +102,28 @@ class SamplingParams:
         return tuple(f.name for f in fields(cls))
 
     @classmethod
-    def from_dict(cls, params: dict) -> SamplingParams:
+    def from_dict(cls, params: Mapping) -> SamplingParams:
         """Build from a plain mapping (a wire job's `params`); unknown keys are an error."""
-        unknown = sorted(set(params) - set(cls.field_names()))
+        if not isinstance(params, Mapping):
+            raise ValueError(f"sampling params must be a map of name -> value, "
+                             f"got {type(params).__name__}")
+        unknown = sorted(map(repr, set(params) - set(cls.field_names())))
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s) {unknown}; "
+            raise ValueError(f"unknown sampling parameter(s) {', '.join(unknown)}; "
                              f"allowed: {sorted(cls.field_names())}")
         try:
             return cls(**params)
-        except TypeError as e:  # e.g. stop=5 (not iterable)
+        except TypeError as e:  # defensive: a value a check above did not foresee
             raise ValueError(f"invalid sampling parameters: {e}") from None
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _as_list(name: str, value: object, what: str) -> list:
+    """None -> []; a list, tuple or other plain iterable -> a list; anything else is an error."""
+    if value is None:
+        return []
+    if not isinstance(value, Iterable) or isinstance(value, (str, bytes, bytearray, Mapping)):
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return list(value)

@@ -105,9 +105,11 @@ def test_output_does_not_depend_on_batch_preemption_or_prefix_cache(tiny_checkpo
         assert llm.engine.scheduler.num_preemptions > 0
         assert batched == alone, f"prefix caching {caching}"
         assert llm.engine.block_manager.num_free_blocks == 12
-    roomy, llm = _run(path, prompts, sampling, enable_prefix_caching=True)
-    assert roomy == alone
-    assert llm.engine.block_manager.prefix_hit_tokens > 0
+    # With room to spare and the prefix already cached by a first pass: hits, same output.
+    llm = LLM(str(path), device="cpu", dtype="float32", enable_prefix_caching=True)
+    llm.generate(prompts[:1], sampling)
+    assert [o.token_ids for o in llm.generate(prompts, sampling)] == alone
+    assert llm.engine.block_manager.prefix_hit_tokens >= 16 * len(prompts)
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_checkpoint):

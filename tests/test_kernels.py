@@ -8,7 +8,6 @@ on a GPU compiled. "real" cases use real model shapes in bf16 and need CUDA.
 
 from __future__ import annotations
 
-import importlib
 import os
 import sys
 import zlib
@@ -18,19 +17,16 @@ import torch
 
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        # triton decides interpreter vs compiler when its functions are decorated
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set: on a "
+                           "CPU-only machine set it in the environment or in conftest.py")
     os.environ["TRITON_INTERPRET"] = "1"  # must precede the first `import triton`
 
 import qworker_kernels as K  # noqa: E402
 from qworker_kernels.attention import AttnConfig  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from qworker.model import ops  # noqa: E402
-
-if not ON_GPU and not isinstance(K.attention._paged_attention_kernel, InterpretedFunction):
-    # Imported earlier without the interpreter (another test module): decorate again.
-    for name in [m for m in sys.modules if m.startswith("qworker_kernels.")] + ["qworker_kernels"]:
-        importlib.reload(sys.modules[name])
-    from qworker_kernels.attention import AttnConfig  # noqa: E402,F811
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 needs_gpu = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs CUDA")]
@@ -169,9 +165,10 @@ def make_batch(gen: torch.Generator, specs: list[tuple[int, int]], block_size: i
 
 
 def reference(batch: dict) -> torch.Tensor:
-    """The oracle on float32 copies of the inputs (bf16 inputs are exact in float32)."""
-    f = {k: v.float() if k in ("q", "k_cache", "v_cache") else v for k, v in batch.items()}
-    return ops.paged_attention(**f)
+    """The oracle on the CPU, on float32 copies (bf16 inputs are exact in float32)."""
+    f = {k: v.cpu().float() if k in ("q", "k_cache", "v_cache") else
+         v.cpu() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return ops.paged_attention(**f).to(DEVICE)
 
 
 def run_attention(batch: dict, **kwargs) -> torch.Tensor:

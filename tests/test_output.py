@@ -97,7 +97,7 @@ def test_decode_window_stays_short_over_a_long_output(tok):
 @pytest.fixture(scope="module")
 def pool(tok) -> list[int]:
     """Token ids that split characters, special tokens and ordinary text."""
-    fragments = [i for i in range(300, 2000) if "\ufffd" in tok.decode([i])]
+    fragments = [i for i in range(len(tok)) if "\ufffd" in tok.decode([i])]   # ~300
     return sorted(set(ids_of(tok, *MULTILINGUAL) + [0, 1, 2] + fragments))
 
 
@@ -136,10 +136,11 @@ def test_emitted_text_does_not_depend_on_batching(tok, pool, data):
 # -- stop strings ---------------------------------------------------------------------------
 
 def test_stop_string_inside_one_token_truncates_before_it(tok):
-    ids = ids_of(tok, "Sure, the answer", " is", " 42", ".", " More text")
-    outs = run(tok, ids, finish=False, stop=[" 42"])
-    assert joined(outs) == "Sure, the answer is"
-    assert outs[-1] == ("", True) and outs[2][1] is True and outs[1][1] is False
+    ids = ids_of(tok, "Sure", " the", " answer", " is", " 42.")
+    outs = run(tok, ids, finish=False, stop=[" answer"])
+    assert [d for d, _ in outs[:3]] == ["Sure", " the", ""]
+    assert [s for _, s in outs] == [False, False] + [True] * (len(ids) - 2)
+    assert joined(outs) == "Sure the"
 
 
 def test_stop_string_spanning_tokens_is_never_leaked(tok):

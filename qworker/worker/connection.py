@@ -64,5 +64,5 @@ class Backoff:
         self.failures = 0
 
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError)
 """Errors that mean "Redis is unreachable right now": retry with backoff."""

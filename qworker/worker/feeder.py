@@ -123,7 +123,14 @@ class Feeder(threading.Thread):
         pipe.expire(key, max(5, int(self.tick * 5) + 1))
         pipe.execute()
         if self.intake_open.is_set() and self.budget.want() > 0:
-            self._admit(self.intake.reclaim(self.budget.want(), self.lease_ms, set(held)))
+            claimed = self.intake.reclaim(self.budget.want(), self.lease_ms, set(held))
+            # Our own entries come back if a renewal was late (e.g. Redis was away): they
+            # are still running here, so they are not admitted twice.
+            claimed = [c for c in claimed if c[0] not in held]
+            if claimed:
+                log.info("reclaimed stale entries", entries=[c[0] for c in claimed],
+                         deliveries=[c[2] for c in claimed])
+            self._admit(claimed)
 
     def _pull(self) -> None:
         entries = self.intake.read(self.budget.want(), self.block_ms)

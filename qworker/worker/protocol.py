@@ -59,13 +59,19 @@ def unpack(raw: bytes, max_bytes: int = MAX_JOB_BYTES) -> Any:
         raise JobError("invalid_payload",
                        f"payload is {len(raw)} bytes; the limit is {max_bytes} bytes")
     try:
-        obj = msgpack.unpackb(bytes(raw), raw=False, strict_map_key=True,
-                              max_buffer_size=max_bytes, max_str_len=max_bytes,
-                              max_bin_len=max_bytes, max_array_len=MAX_CONTAINER_LEN,
-                              max_map_len=MAX_CONTAINER_LEN, max_ext_len=0)
+        u = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=max_bytes,
+                             max_str_len=max_bytes, max_bin_len=max_bytes,
+                             max_array_len=MAX_CONTAINER_LEN, max_map_len=MAX_CONTAINER_LEN,
+                             max_ext_len=0)
+        u.feed(bytes(raw))
+        obj = u.unpack()
+        if u.tell() != len(raw):
+            raise ValueError(f"{len(raw) - u.tell()} bytes of extra data after the object")
     except UnicodeDecodeError:
         raise JobError("invalid_payload", "a msgpack string is not valid UTF-8") from None
-    except Exception as e:  # ExtraData, FormatError, StackError, ValueError, ...
+    except msgpack.OutOfData:
+        raise JobError("invalid_payload", "not a msgpack object: truncated or empty") from None
+    except Exception as e:  # FormatError, StackError, ExtraData, ValueError, ...
         raise JobError("invalid_payload", f"not a msgpack object: {type(e).__name__}: "
                        f"{str(e)[:120]}") from None
     _check_depth(obj)
