@@ -170,10 +170,12 @@ class AttnConfig:
     num_stages: int
 
 
-# Swept on an H200 with Llama-3.1-8B heads (docs/benchmarks.md, "Kernels (H200)"):
-# decode within ~5% of the best swept config at every shape; the interpreter takes the same.
-_DECODE_TILE_N, _DECODE_WARPS, _DECODE_STAGES = 128, 4, 3
-_PREFILL_BLOCK_M, _PREFILL_TILE_N, _PREFILL_WARPS, _PREFILL_STAGES = 128, 32, 4, 3
+# Swept on an H200 with Llama-3.1-8B heads (docs/benchmarks.md, "Kernels (H200)"); the
+# interpreter takes the same. (block_m, tile_n, num_warps, num_stages):
+_DECODE = (16, 128, 4, 3)     # short queries: within ~4% of the best swept config
+_MIXED = (64, 64, 4, 3)       # decodes next to prefill chunks: short rows waste less of a tile
+_PREFILL = (128, 32, 4, 3)    # prefill-dominated batches (>= _PREFILL_AVG_LEN tokens/request)
+_PREFILL_AVG_LEN = 64
 _MIN_TOKENS_PER_SPLIT = 256      # below this a split costs more than it brings
 _MAX_SPLITS = 16
 _MAX_PARTIAL_BYTES = 64 << 20    # cap on the fp32 split workspace
@@ -184,11 +186,12 @@ def choose_config(num_tokens: int, num_reqs: int, num_kv_heads: int, group: int,
                   device: torch.device, elem_bytes: int = 2) -> AttnConfig:
     """Host-side heuristic: decode-shaped tiles for short queries, splits for long contexts."""
     if max_query_len * group <= 16:
-        block_m, tile_n, warps, stages = max(16, next_pow2(group)), _DECODE_TILE_N, \
-            _DECODE_WARPS, _DECODE_STAGES
+        block_m, tile_n, warps, stages = _DECODE
+    elif num_tokens >= _PREFILL_AVG_LEN * num_reqs:
+        block_m, tile_n, warps, stages = _PREFILL
     else:
-        block_m, tile_n, warps, stages = max(_PREFILL_BLOCK_M, next_pow2(group)), \
-            _PREFILL_TILE_N, _PREFILL_WARPS, _PREFILL_STAGES
+        block_m, tile_n, warps, stages = _MIXED
+    block_m = max(block_m, next_pow2(group))
     if elem_bytes > 2:       # float32 tiles: keep the pipelined K/V buffers in shared memory
         stages = min(stages, 2)
     block_q = block_m // group

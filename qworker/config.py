@@ -16,6 +16,8 @@ class EngineConfig:
         (``gpu_memory_utilization`` on CUDA, ``cpu_kv_cache_gb`` on the CPU).
     enable_prefix_caching: reuse full KV blocks of identical prefixes.
     max_model_len: longest prompt + output; None takes the model's own limit.
+    load_format: "auto" reads the checkpoint's weights; "dummy" initializes random
+        weights from config.json alone (benchmarks of real shapes, no weight files).
     """
 
     max_num_seqs: int = 256
@@ -27,6 +29,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     cpu_kv_cache_gb: float = 1.0
     enforce_eager: bool = False
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -46,5 +49,8 @@ class EngineConfig:
         if not 0.05 <= self.gpu_memory_utilization <= 0.99:
             raise ValueError("gpu_memory_utilization must be in [0.05, 0.99], "
                              f"got {self.gpu_memory_utilization}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' (read the weights) or 'dummy' "
+                             f"(random weights, for benchmarks), got {self.load_format!r}")
         if not self.cpu_kv_cache_gb > 0:
             raise ValueError(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")

@@ -94,7 +94,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < 1e-5      # the sampler's own threshold, as in vLLM
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -229,7 +229,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     if "ours" in modes:
         from qworker import LLM
-        kw = {}
+        kw = {"load_format": "dummy"} if a.workload != "W_cpu" else {}
         if a.max_num_batched_tokens:
             kw["max_num_batched_tokens"] = a.max_num_batched_tokens
         llm = LLM(path, device=dev, dtype=str(dtype).removeprefix("torch."),

@@ -63,7 +63,7 @@ def test_greedy_batch_is_token_exact_with_transformers_on_smollm2(smol, smollm2_
     outs = smol.generate(prompt_ids, SamplingParams(max_tokens=48, temperature=0.0))
     expected = hf_greedy(smollm2_dir, prompt_ids, 48)
     eos = smol.engine.eos_token_ids
-    for i, (o, e) in enumerate(zip(outs, expected)):
+    for i, (o, e) in enumerate(zip(outs, expected, strict=True)):
         assert o.token_ids == trim_after_eos(e, eos), f"prompt {i} diverged"
         assert o.finish_reason == ("stop" if o.token_ids[-1] in eos else "length")
         assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)

@@ -197,6 +197,12 @@ def test_paged_attention_mixed_batch_small(layout: tuple, config: AttnConfig | N
     assert_close(out, reference(batch), TOL["small"])
 
 
+def test_paged_attention_prefill_dominated_batch_small(gen: torch.Generator) -> None:
+    # >= 64 new tokens per request on average: the heuristic takes its largest query tiles
+    batch = make_batch(gen, [(0, 70), (20, 90), (33, 1)], 16, 4, 2, 64, torch.float32)
+    assert_close(run_attention(batch), reference(batch), TOL["small"])
+
+
 def test_paged_attention_long_context_split_small(gen: torch.Generator) -> None:
     batch = make_batch(gen, [(700, 1), (333, 1), (500, 3)], 32, 4, 2, 64, torch.float32)
     ref = reference(batch)
@@ -225,6 +231,14 @@ def test_paged_attention_mixed_batch_real(layout: tuple, gen: torch.Generator) -
     ctx = torch.randint(1, 8192, (48,), generator=gen, device=DEVICE).tolist()
     specs = [(c, 1) for c in ctx] + [(1500, 512), (3000, 200), (0, 700), (0, 1)]
     batch = make_batch(gen, specs, bs, hq, hkv, d, torch.bfloat16)
+    assert_close(run_attention(batch), reference(batch), TOL["real"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+def test_paged_attention_prefill_dominated_batch_real(gen: torch.Generator) -> None:
+    specs = [(0, 1024), (4096, 512), (700, 300), (9000, 1)]
+    batch = make_batch(gen, specs, 16, 32, 8, 128, torch.bfloat16)
     assert_close(run_attention(batch), reference(batch), TOL["real"])
 
 

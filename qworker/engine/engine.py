@@ -54,7 +54,8 @@ class Engine:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
         self.device = torch.device(device)
-        self.loaded = load_model(resolve_model(model), self.device, getattr(torch, dtype))
+        self.loaded = load_model(resolve_model(model), self.device, getattr(torch, dtype),
+                                 self.config.load_format)
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = set(self.loaded.eos_token_ids)
         self.runner = ModelRunner(self.loaded, self.config, self.device, getattr(torch, dtype))
@@ -66,7 +67,8 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.block_manager, self.max_model_len,
                                    self.eos_token_ids)
         self.sampler = Sampler()
-        self.outputs = OutputProcessor(self.tokenizer)
+        # Without a tokenizer (random-weight benchmarks) requests carry token ids only.
+        self.outputs = OutputProcessor(self.tokenizer) if self.tokenizer is not None else None
         self.vocab_size = int(self.loaded.config.vocab_size)
         self._requests: dict[str, Request] = {}
         self._arrivals = 0
@@ -99,7 +101,8 @@ class Engine:
         self._arrivals += 1
         self._avg_prompt_len = 0.9 * self._avg_prompt_len + 0.1 * req.num_tokens
         self._requests[request_id] = req
-        self.outputs.add_request(request_id, prompt, params, resumed)
+        if self.outputs is not None:
+            self.outputs.add_request(request_id, prompt, params, resumed)
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> bool:
@@ -108,7 +111,8 @@ class Engine:
         if req is None:
             return False
         self.scheduler.finish(req, "abort")
-        self.outputs.remove(request_id)
+        if self.outputs is not None:
+            self.outputs.remove(request_id)
         return True
 
     def has_unfinished(self) -> bool:
@@ -149,16 +153,22 @@ class Engine:
             sampled = self.sampler(logits, batch).tolist()  # the step's only host sync
         self.scheduler.update_from_output(sched, sampled)
         results = []
-        for req, token in zip(reqs, sampled):
-            text, stopped = self.outputs.process(req.request_id, [token], req.is_finished)
-            if stopped and not req.is_finished:
-                self.scheduler.finish(req, "stop")
+        for req, token in zip(reqs, sampled, strict=True):
+            text, stopped = "", False
+            if self.outputs is not None:
+                text, stopped = self.outputs.process(req.request_id, [token], req.is_finished)
+            if stopped:         # a stop string wins over a length limit hit in the same step
+                if req.is_finished:
+                    req.finish_reason = "stop"
+                else:
+                    self.scheduler.finish(req, "stop")
             results.append(StepOutput(req.request_id, [token], text, req.is_finished,
                                       req.finish_reason, req.num_prompt_tokens,
                                       req.num_output_tokens))
             if req.is_finished:
                 self._requests.pop(req.request_id, None)
-                self.outputs.remove(req.request_id)
+                if self.outputs is not None:
+                    self.outputs.remove(req.request_id)
         return results
 
     def stats(self) -> dict[str, float]:

@@ -36,14 +36,15 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.90, enforce_eager: bool = False):
+                 gpu_memory_utilization: float = 0.90, enforce_eager: bool = False,
+                 load_format: str = "auto"):
         config = EngineConfig(max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
                               block_size=block_size, num_kv_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching,
                               max_model_len=max_model_len,
                               gpu_memory_utilization=gpu_memory_utilization,
-                              enforce_eager=enforce_eager)
+                              enforce_eager=enforce_eager, load_format=load_format)
         self.engine = Engine(model, config, device=device, dtype=dtype)
         self.tokenizer = self.engine.tokenizer
         self._counter = itertools.count()
@@ -74,7 +75,7 @@ class LLM:
         outputs: dict[str, RequestOutput] = {}
         ids = []
         try:
-            for i, (prompt, p) in enumerate(zip(prompts, params)):
+            for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
                 token_ids = self._tokenize(prompt)
                 rid = f"offline-{next(self._counter)}"
                 self.engine.add_request(rid, token_ids, p, priority=priority[i])

@@ -142,7 +142,7 @@ class Scheduler:
             s.request.num_computed_tokens += s.num_new_tokens
             self.bm.cache_full_blocks(s.request)
         finished = []
-        for req, token in zip(out.sampling_requests, sampled):
+        for req, token in zip(out.sampling_requests, sampled, strict=True):
             req.output_token_ids.append(token)
             reason = self._stop_reason(req, token)
             if reason is not None:

@@ -29,11 +29,13 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
+               dtype: torch.dtype = torch.float32, load_format: str = "auto") -> LoadedModel:
     """Load a Hugging Face checkpoint directory (safetensors, single or sharded).
 
-    Raises ``ValueError`` for an unsupported architecture (before reading any weight) and
-    ``FileNotFoundError`` when the directory has no safetensors weights.
+    ``load_format="dummy"`` needs only config.json: weights are random (normal, std 0.02;
+    norms 1), the tokenizer is optional. Raises ``ValueError`` for an unsupported
+    architecture (before reading any weight) and ``FileNotFoundError`` when the directory
+    has no safetensors weights.
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -41,14 +43,32 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
     architecture_of(config)                     # fail fast, naming what is supported
-    files = _weight_files(path)
+    files = _weight_files(path) if load_format != "dummy" else []
     with torch.device(device), _default_dtype(dtype):
         model = LlamaForCausalLM(config)
-    model.load_weights(_iter_weights(files))
+    if load_format == "dummy":
+        _random_init(model)
+    else:
+        model.load_weights(_iter_weights(files))
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        if load_format != "dummy":
+            raise
+        tokenizer = None        # token ids in, token ids out: no text
     eos = eos_token_ids(path, config, tokenizer)
     return LoadedModel(config, model, tokenizer, eos, _max_model_len(config, path))
+
+
+@torch.no_grad()
+def _random_init(model: torch.nn.Module) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if p.dim() == 1 and "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
 
 
 def eos_token_ids(path: Path, config, tokenizer=None) -> set[int]:
