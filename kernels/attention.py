@@ -197,7 +197,10 @@ def choose_config(num_tokens: int, num_reqs: int, num_kv_heads: int, group: int,
     block_q = block_m // group
     q_blocks = min(num_tokens // block_q + num_reqs, num_reqs * triton.cdiv(max_query_len,
                                                                               block_q))
-    want = triton.cdiv(4 * sm_count(device), q_blocks * num_kv_heads)   # aim for ~4 waves
+    # Splits fill the GPU when there are few query blocks: aim at ~4 programs per SM for
+    # decodes; prefill tiles are heavier, so split them only when they don't fill one wave.
+    waves = 4 if max_query_len * group <= 16 else 1
+    want = triton.cdiv(waves * sm_count(device), q_blocks * num_kv_heads)
     by_len = max_seq_len // _MIN_TOKENS_PER_SPLIT
     by_mem = _MAX_PARTIAL_BYTES // max(1, num_tokens * num_kv_heads * group * head_dim * 4)
     splits = max(1, min(want, by_len, by_mem, _MAX_SPLITS))

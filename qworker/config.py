@@ -18,6 +18,8 @@ class EngineConfig:
     max_model_len: longest prompt + output; None takes the model's own limit.
     load_format: "auto" reads the checkpoint's weights; "dummy" initializes random
         weights from config.json alone (benchmarks of real shapes, no weight files).
+    tensor_parallel_size: GPUs (of one host) one model is sharded across; rank 0 runs
+        the scheduler (``qworker.engine.distributed``). 1: no parallelism, no overhead.
     """
 
     max_num_seqs: int = 256
@@ -30,6 +32,7 @@ class EngineConfig:
     cpu_kv_cache_gb: float = 1.0
     enforce_eager: bool = False
     load_format: str = "auto"
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -37,7 +40,8 @@ class EngineConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size",
+                     "tensor_parallel_size"):
             positive_int(name)
         if self.block_size & (self.block_size - 1) or self.block_size > 256:
             raise ValueError(f"block_size must be a power of two <= 256 (16 or 32 on CUDA), "

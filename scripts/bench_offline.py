@@ -1,10 +1,14 @@
-"""Offline throughput: one workload through several serving strategies, side by side.
+"""Offline throughput: workloads through several serving strategies, side by side.
 
 Strategies (``--modes``):
   naive   transformers ``generate``, one request at a time
   static  transformers ``generate`` on padded static batches (``--bs``), run to the longest
   hf_cb   transformers' own continuous batching (``init_continuous_batching``)
   ours    qworker's engine (continuous batching over a paged KV cache)
+  decode  qworker's decode step at ``--decode-batches`` (e.g. 1,32,256) and
+          ``--decode-context`` tokens, through ``Engine.step()``, split into host and GPU
+          time, against the bandwidth floor (weights + KV bytes / copy bandwidth)
+  ceil    the device ceilings measured in this run (copy bandwidth, bf16 matmul)
 
 Workloads (docs/benchmarks.md, ../shared/docs/BENCHMARKS.md):
   W_cpu   SmolLM2-135M-Instruct, real weights, fp32, the 16 test prompts, 48 tokens each
@@ -12,19 +16,26 @@ Workloads (docs/benchmarks.md, ../shared/docs/BENCHMARKS.md):
   W_8b    Llama-3.1-8B shape, random weights, 256 requests, in 128..1024, out 64..512
 Every request generates exactly its own length (EOS ignored); the metric is output tokens
 per wall second from first submission to last completion, after a warm-up; model load
-and graph capture are excluded. Prints a table and ratios; ``--json`` writes the figures.
+and graph capture are excluded. ``--workload`` takes several, comma-separated: each
+workload's engine is built, measured and freed before the next, and transformers runs
+after all of ours (``--deadline`` skips transformers' modes once the run is that old).
+Prints a table and ratios; ``--json`` writes the figures.
 
   python scripts/bench_offline.py --workload W_cpu --modes naive,static,hf_cb,ours
+  python scripts/bench_offline.py --workload W_8b,W_nano --modes ceil,ours,decode,static,hf_cb \
+      --static-n 32 --cb-n 32 --max-model-len 2048 --json out.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import sys
 import tempfile
 import time
+from collections import defaultdict
 
 import torch
 
@@ -139,11 +150,13 @@ def run_hf_cb(m, reqs):
     gc = GenerationConfig(do_sample=False, max_new_tokens=max(k for _, k in reqs),
                           eos_token_id=-1, pad_token_id=0)
     mgr = m.init_continuous_batching(generation_config=gc)
+    if hasattr(mgr, "warmup") and not getattr(mgr, "warmed_up", True):
+        mgr.warmup()                    # as ../shared/anchors/hf_gpu_bench.py does
     mgr.start()
     sync()
     t = time.perf_counter()
     for i, (ids, n) in enumerate(reqs):
-        mgr.add_request(ids, request_id=f"r{i}", max_new_tokens=n)
+        mgr.add_request(ids, request_id=f"r{i}", max_new_tokens=n, eos_token_id=-1)
     done = toks = 0
     while done < len(reqs):
         r = mgr.get_result(timeout=5)
@@ -160,6 +173,32 @@ def run_hf_cb(m, reqs):
     return toks, dt
 
 
+def ceilings() -> tuple[float, float]:
+    """Copy bandwidth (TB/s, bytes read + written) and bf16 matmul TFLOP/s, as
+    ../shared/anchors/hf_gpu_bench.py measures them (random data, not zeros)."""
+    x = torch.randint(0, 255, (2 * 1024**3,), dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync()
+    bw = 2 * x.numel() / ((time.perf_counter() - t) / 10) / 1e12
+    del x, y
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        a @ b
+    sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync()
+    return bw, 2 * 8192**3 / ((time.perf_counter() - t) / 10) / 1e12
+
+
 def run_ours(llm, reqs):
     from qworker import SamplingParams
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in reqs]
@@ -170,86 +209,297 @@ def run_ours(llm, reqs):
     return sum(len(o.token_ids) for o in outs), time.perf_counter() - t
 
 
+class StepTimer:
+    """Times one engine's steps by stage (bench only: shadows the instances' methods).
+
+    Per step, in ms: ``wall``; ``wait``, the host blocked on the GPU (the engine's fetch of
+    the sampled ids, reproduced by a synchronize at the same point); ``gpu``, the CUDA-event
+    span from the runner's launch to the end of the sampler; the host stages ``schedule``,
+    ``execute`` (build inputs + launch), ``sampling_batch``, ``sampler_launch``, ``update``;
+    ``host`` = wall - wait.
+    """
+
+    def __init__(self, engine) -> None:
+        self.engine, self.totals, self.steps = engine, defaultdict(float), 0
+        self._events: list = []
+        sched, runner, sampler = engine.scheduler, engine.runner, engine.sampler
+        self._sampler = sampler
+        clock = time.perf_counter
+
+        def schedule():
+            t0 = clock()
+            r = type(sched).schedule(sched)
+            self.totals["schedule"] += clock() - t0
+            return r
+
+        def update(out, sampled):
+            t0 = clock()
+            r = type(sched).update_from_output(sched, out, sampled)
+            self.totals["update"] += clock() - t0
+            return r
+
+        def execute(out):
+            ev = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)] \
+                if torch.cuda.is_available() else [None, None]
+            if ev[0] is not None:
+                ev[0].record()
+            t0 = clock()
+            r = type(runner).execute(runner, out)
+            self._exec_end = clock()
+            self.totals["execute"] += self._exec_end - t0
+            self._pending = ev
+            return r
+
+        def sample(logits, batch):
+            t0 = clock()
+            self.totals["sampling_batch"] += t0 - self._exec_end
+            r = sampler(logits, batch)
+            if self._pending[1] is not None:
+                self._pending[1].record()
+                self._events.append(self._pending)
+            t1 = clock()
+            self.totals["sampler_launch"] += t1 - t0
+            sync()                              # where the engine's .tolist() waits
+            self.totals["wait"] += clock() - t1
+            return r
+
+        sched.schedule, sched.update_from_output = schedule, update
+        runner.execute, engine.sampler = execute, sample
+
+    def step(self):
+        t0 = time.perf_counter()
+        outs = self.engine.step()
+        self.totals["wall"] += time.perf_counter() - t0
+        self.steps += 1
+        return outs
+
+    def close(self) -> dict[str, float]:
+        e = self.engine
+        del e.scheduler.schedule, e.scheduler.update_from_output, e.runner.execute
+        e.sampler = self._sampler
+        res = {k: round(v / self.steps * 1e3, 3) for k, v in self.totals.items()}
+        res["gpu"] = round(sum(a.elapsed_time(b) for a, b in self._events) / self.steps, 3)
+        res["host"] = round(res["wall"] - res.get("wait", 0.0), 3)
+        return res
+
+
+def decode_floor_bytes(engine, batch: int, context: int) -> tuple[int, int]:
+    """Bytes one decode step must read: every weight once (not the embedding table, of
+    which it reads B rows, unless it is tied to the output projection), and the K/V of
+    ``batch`` x ``context`` tokens."""
+    m = engine.runner.model
+    weights = sum(p.numel() * p.element_size() for p in m.parameters())
+    if not m.tie_word_embeddings:
+        emb = m.model.embed_tokens
+        emb = getattr(emb, "weight", emb)
+        weights -= emb.numel() * emb.element_size()
+    kv = batch * context * engine.runner.bytes_per_block() // engine.config.block_size
+    return weights, kv
+
+
+def bench_decode(engine, batches: list[int], context: int, bw_tbps: float | None,
+                 steps: int = 16, warm: int = 3) -> list[dict]:
+    """Decode steps of ``batch`` requests at about ``context`` tokens of context: full
+    ``Engine.step()`` (StepTimer stages) and the model's graph replay alone."""
+    from qworker import SamplingParams
+    rng = random.Random(1)
+    rows = []
+    prompt_len = context - warm - steps // 2           # the timed steps centre on context
+    for b in batches:
+        rids = [f"decode-{b}-{i}" for i in range(b)]
+        for rid in rids:
+            engine.add_request(rid, [rng.randint(10, engine.vocab_size - 10)
+                                     for _ in range(prompt_len)],
+                               SamplingParams(max_tokens=warm + steps + 4, temperature=0.0,
+                                              ignore_eos=True))
+        s = engine.scheduler
+        while s.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
+            engine.step()
+        for _ in range(warm):
+            engine.step()
+        timer = StepTimer(engine)
+        for _ in range(steps):
+            timer.step()
+        row = {"batch": b, "context": context, **timer.close()}
+        graphs = engine.runner.graphs
+        bucket = graphs.bucket_for(b, -(-(context + steps) // engine.config.block_size)) \
+            if graphs else None
+        if bucket is not None and graphs._graphs:       # the captured forward alone
+            g = graphs._graphs[bucket]
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            g.replay()
+            e0.record()
+            for _ in range(steps):
+                g.replay()
+            e1.record()
+            sync()
+            row["graph_replay"] = round(e0.elapsed_time(e1) / steps, 3)
+        for rid in rids:
+            engine.abort(rid)
+        wbytes, kvbytes = decode_floor_bytes(engine, b, context)
+        row["weights_gb"], row["kv_gb"] = round(wbytes / 1e9, 2), round(kvbytes / 1e9, 3)
+        if bw_tbps:
+            row["floor"] = round((wbytes + kvbytes) / (bw_tbps * 1e12) * 1e3, 3)
+            row["step_vs_floor"] = round(row["floor"] / row["wall"], 3)
+        print("decode", json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def free_cuda() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--workload", default="W_cpu", choices=["W_cpu", *WORKLOADS])
+    ap.add_argument("--workload", default="W_cpu",
+                    help="one or more of W_cpu, W_nano, W_8b, comma-separated")
     ap.add_argument("--modes", default="naive,static,hf_cb,ours")
     ap.add_argument("--n", type=int, default=None, help="requests (default: the workload's)")
     ap.add_argument("--naive-n", type=int, default=None, help="requests for naive mode")
+    ap.add_argument("--static-n", type=int, default=None, help="requests for static mode")
+    ap.add_argument("--cb-n", type=int, default=None, help="requests for hf_cb mode")
     ap.add_argument("--bs", type=int, default=32, help="static batch size")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--decode-batches", default="1,32,256")
+    ap.add_argument("--decode-context", type=int, default=512)
+    ap.add_argument("--decode-workload", default="W_8b", help="whose engine times decode")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="seconds from start after which transformers' modes are skipped")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    t_start = time.perf_counter()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     modes = a.modes.split(",")
-    res: dict = {"workload": a.workload, "device": torch.cuda.get_device_name() if dev == "cuda"
-                 else f"cpu x{torch.get_num_threads()}", "torch": torch.__version__}
+    workloads = a.workload.split(",")
     import transformers
-    res["transformers"] = transformers.__version__
+    res: dict = {"device": torch.cuda.get_device_name() if dev == "cuda"
+                 else f"cpu x{torch.get_num_threads()}", "torch": torch.__version__,
+                 "transformers": transformers.__version__, "args": vars(a)}
+    try:
+        import triton
+        res["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if "ceil" in modes and dev == "cuda":
+        bw, tf = ceilings()
+        res["copy_TBps"], res["bf16_TFLOPs"] = round(bw, 3), round(tf, 1)
+        print(f"ceilings: copy {bw:.2f} TB/s, bf16 matmul {tf:.0f} TFLOP/s", flush=True)
+    rows: list[tuple] = []
 
-    if a.workload == "W_cpu":
-        from qworker.model.hub import resolve_model
-        path = str(resolve_model("smollm2-135m-instruct"))
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path)
-        reqs = [(tok.encode(p), 48) for p in W_CPU_PROMPTS]
-    else:
-        w = WORKLOADS[a.workload]
-        path = make_checkpoint(w["shape"], dtype, with_weights=False)
-        reqs = random_workload(a.n or w["n"], w["inp"], w["out"], SHAPES[w["shape"]]["vocab_size"])
-    reqs = reqs[: a.n] if a.n else reqs
-    expected_tokens = sum(n for _, n in reqs)
-    rows = []
+    def record(wl: str, name: str, toks: int, dt: float, n_reqs: int) -> None:
+        rows.append((wl, name, n_reqs, toks, dt, toks / dt))
+        res.setdefault(wl, {})[f"{name}_tok_s"] = round(toks / dt, 1)
+        res[wl][f"{name}_requests"] = n_reqs
+        print(f"{wl:7s} {name:8s} {n_reqs:4d} req {toks:8d} tok {dt:8.2f} s "
+              f"{toks / dt:10.1f} tok/s", flush=True)
 
-    def record(name: str, toks: int, dt: float, n_reqs: int) -> None:
-        rows.append((name, toks, dt, toks / dt, n_reqs))
-        res[f"{name}_tok_s"] = round(toks / dt, 1)
-        print(f"{name:8s} {toks:8d} tok {dt:8.2f} s {toks / dt:10.1f} tok/s", flush=True)
+    def workload(wl: str):
+        if wl == "W_cpu":
+            from qworker.model.hub import resolve_model
+            path = str(resolve_model("smollm2-135m-instruct"))
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(path)
+            reqs = [(tok.encode(p), 48) for p in W_CPU_PROMPTS]
+        else:
+            w = WORKLOADS[wl]
+            path = make_checkpoint(w["shape"], dtype, with_weights=False)
+            reqs = random_workload(a.n or w["n"], w["inp"], w["out"],
+                                   SHAPES[w["shape"]]["vocab_size"])
+        return path, reqs[: a.n] if a.n else reqs
+
+    if "ours" in modes or "decode" in modes:
+        from qworker import LLM
+        for wl in workloads:
+            path, reqs = workload(wl)
+            kw = {"load_format": "dummy"} if wl != "W_cpu" else {}
+            if a.max_num_batched_tokens:
+                kw["max_num_batched_tokens"] = a.max_num_batched_tokens
+            t0 = time.perf_counter()
+            llm = LLM(path, device=dev, dtype=str(dtype).removeprefix("torch."),
+                      max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
+                      enforce_eager=a.enforce_eager, **kw)
+            runner = llm.engine.runner
+            res.setdefault(wl, {})["engine_init_s"] = round(time.perf_counter() - t0, 1)
+            res[wl]["kv_blocks"] = runner.num_kv_blocks
+            res[wl]["memory"] = runner.memory
+            print(f"{wl}: engine up in {res[wl]['engine_init_s']} s, {runner.num_kv_blocks} "
+                  f"KV blocks, {runner.memory}", flush=True)
+            if "ours" in modes:
+                run_ours(llm, [(reqs[0][0][:16], 4), (reqs[1][0][:600], 40)])   # warm-up
+                expected = sum(n for _, n in reqs)
+                toks, dt = run_ours(llm, reqs)
+                if toks != expected:
+                    raise SystemExit(f"ours produced {toks} tokens, expected {expected}")
+                record(wl, "ours", toks, dt, len(reqs))
+                res[wl]["preemptions"] = llm.engine.scheduler.num_preemptions
+            if "decode" in modes and wl == a.decode_workload:
+                res[wl]["decode"] = bench_decode(
+                    llm.engine, [int(b) for b in a.decode_batches.split(",")],
+                    a.decode_context, res.get("copy_TBps"))
+            del llm, runner
+            free_cuda()
 
     hf_modes = [m for m in modes if m in ("naive", "static", "hf_cb")]
-    if hf_modes:
+    for wl in workloads if hf_modes else []:
+        path, reqs = workload(wl)
+
+        def in_time(mode: str, wl: str = wl) -> bool:
+            if a.deadline and time.perf_counter() - t_start > a.deadline:
+                print(f"{wl} {mode}: skipped, past the {a.deadline} s deadline", flush=True)
+                res.setdefault(wl, {})[f"{mode}_skipped"] = "deadline"
+                return False
+            return True
+
+        if not in_time("hf"):
+            continue
         m = hf_model(path, dtype, dev)
         run_naive(m, [(reqs[0][0][:16], 4)], dev)                     # warm-up
-        if "naive" in modes:
+        if "naive" in modes and in_time("naive"):
             sub = reqs[: a.naive_n or len(reqs)]
-            record("naive", *run_naive(m, sub, dev), len(sub))
-        if "static" in modes:
-            record("static", *run_static(m, reqs, dev, a.bs), len(reqs))
-        if "hf_cb" in modes:
+            record(wl, "naive", *run_naive(m, sub, dev), len(sub))
+        if "static" in modes and in_time("static"):
+            sub = reqs[: a.static_n or len(reqs)]
+            record(wl, "static", *run_static(m, sub, dev, a.bs), len(sub))
+        if "hf_cb" in modes and in_time("hf_cb"):
+            sub = reqs[: a.cb_n or len(reqs)]
             try:
-                toks, dt = run_hf_cb(m, reqs)
-                record("hf_cb", toks, dt, len(reqs))
+                toks, dt = run_hf_cb(m, sub)
+                record(wl, "hf_cb", toks, dt, len(sub))
             except Exception as e:  # record, don't hide
-                res["hf_cb_error"] = repr(e)[:300]
+                res[wl]["hf_cb_error"] = repr(e)[:300]
                 print("hf_cb failed:", repr(e)[:300], file=sys.stderr)
         del m
-        if dev == "cuda":
-            torch.cuda.empty_cache()
-    if "ours" in modes:
-        from qworker import LLM
-        kw = {"load_format": "dummy"} if a.workload != "W_cpu" else {}
-        if a.max_num_batched_tokens:
-            kw["max_num_batched_tokens"] = a.max_num_batched_tokens
-        llm = LLM(path, device=dev, dtype=str(dtype).removeprefix("torch."),
-                  max_num_seqs=a.max_num_seqs, **kw)
-        run_ours(llm, [(reqs[0][0][:16], 4)])                          # warm-up
-        toks, dt = run_ours(llm, reqs)
-        if toks != expected_tokens:
-            raise SystemExit(f"ours produced {toks} tokens, expected {expected_tokens}")
-        record("ours", toks, dt, len(reqs))
+        free_cuda()
 
-    print(f"\n{a.workload} on {res['device']}")
-    print(f"{'mode':8s} {'requests':>8s} {'tokens':>8s} {'seconds':>8s} {'tok/s':>10s}")
-    for name, toks, dt, rate, n in rows:
-        print(f"{name:8s} {n:8d} {toks:8d} {dt:8.2f} {rate:10.1f}")
-    if "ours_tok_s" in res:
+    print(f"\non {res['device']} (torch {res['torch']}, transformers {res['transformers']}"
+          f"{', triton ' + res['triton'] if 'triton' in res else ''})")
+    if "copy_TBps" in res:
+        print(f"ceilings: copy {res['copy_TBps']} TB/s, bf16 {res['bf16_TFLOPs']} TFLOP/s")
+    print(f"{'workload':8s} {'mode':8s} {'requests':>8s} {'tokens':>8s} {'seconds':>8s} "
+          f"{'tok/s':>10s}")
+    for wl, name, n, toks, dt, rate in rows:
+        print(f"{wl:8s} {name:8s} {n:8d} {toks:8d} {dt:8.2f} {rate:10.1f}")
+    for wl in workloads:
+        r = res.get(wl, {})
         for base in ("naive", "static", "hf_cb"):
-            if f"{base}_tok_s" in res:
-                ratio = res["ours_tok_s"] / res[f"{base}_tok_s"]
-                res[f"ours_vs_{base}"] = round(ratio, 2)
-                print(f"ours / {base}: {ratio:.2f}x")
+            if "ours_tok_s" in r and f"{base}_tok_s" in r:
+                r[f"ours_vs_{base}"] = round(r["ours_tok_s"] / r[f"{base}_tok_s"], 2)
+                print(f"{wl} ours / {base}: {r[f'ours_vs_{base}']:.2f}x")
+        for d in r.get("decode", []):
+            print(f"{wl} decode batch {d['batch']:3d} ctx {d['context']}: step {d['wall']:.2f} ms"
+                  f" (graph replay {d.get('graph_replay', float('nan')):.2f}, gpu "
+                  f"{d['gpu']:.2f}, host {d['host']:.2f}, schedule {d.get('schedule', 0):.2f}"
+                  f", execute {d.get('execute', 0):.2f}, sampling batch "
+                  f"{d.get('sampling_batch', 0):.2f}, update {d.get('update', 0):.2f}); floor "
+                  f"{d.get('floor', float('nan')):.2f} ms ({d.get('step_vs_floor', 0):.0%})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -121,34 +121,6 @@ def wait_ready(r: redis.Redis, names: list[str], prefix: str = "qworker", timeou
              interval=0.1, what=f"workers {names} to start")
 
 
-def make_tiny_checkpoint(out: Path) -> Path:
-    """A random 2-layer Llama with the real SmolLM2 tokenizer (fallback when the shared
-    ``tiny_checkpoint`` fixture is unavailable). Weights are scaled up so that greedy
-    output varies from token to token."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from qworker.model.hub import resolve_model
-
-    src = resolve_model("smollm2-135m-instruct")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
-                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
-                      tie_word_embeddings=True)
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.mul_(8.0)
-    model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (src / f).exists():
-            shutil.copy(src / f, out / f)
-    return out
-
-
 class InProcessWorker:
     """A Worker on a thread of the test process (its engine can be inspected)."""
 

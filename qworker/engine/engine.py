@@ -54,11 +54,19 @@ class Engine:
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16, float16 or auto, got {dtype!r}")
         self.device = torch.device(device)
-        self.loaded = load_model(resolve_model(model), self.device, getattr(torch, dtype),
-                                 self.config.load_format)
+        self.tp = None                  # rank 0's handle on the tensor-parallel followers
+        if self.config.tensor_parallel_size > 1:
+            from qworker.engine.distributed import start_tensor_parallel
+            self.tp = start_tensor_parallel(resolve_model(model), self.config, self.device,
+                                            getattr(torch, dtype))
+            self.loaded, self.runner = self.tp.loaded, self.tp.runner
+        else:
+            self.loaded = load_model(resolve_model(model), self.device, getattr(torch, dtype),
+                                     self.config.load_format)
+            self.runner = ModelRunner(self.loaded, self.config, self.device,
+                                      getattr(torch, dtype))
         self.tokenizer = self.loaded.tokenizer
         self.eos_token_ids = set(self.loaded.eos_token_ids)
-        self.runner = ModelRunner(self.loaded, self.config, self.device, getattr(torch, dtype))
         self.block_manager = BlockManager(self.runner.num_kv_blocks, self.config.block_size,
                                           self.config.enable_prefix_caching)
         model_len = self.config.max_model_len or self.loaded.max_model_len
@@ -182,3 +190,8 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_hit_rate": round(bm.prefix_hit_tokens / max(1, bm.prefix_query_tokens), 4),
         }
+
+    def close(self) -> None:
+        """Stop the tensor-parallel follower processes, if any (also done at exit)."""
+        if self.tp is not None:
+            self.tp.shutdown()

@@ -1,13 +1,29 @@
-"""ModelRunner: one scheduled step -> batch tensors -> model -> logits of the sampled rows."""
+"""ModelRunner: one scheduled step -> batch tensors -> model -> logits of the sampled rows.
+
+On CUDA: inputs are laid out in pinned staging buffers and copied without blocking;
+decode-only batches replay CUDA graphs (``cuda_graphs``), other batches run eagerly; the
+KV pool is sized from ``gpu_memory_utilization`` after a profiling forward at
+``max_num_batched_tokens`` has measured peak activation memory. Nothing here waits on
+the GPU: the engine's fetch of the sampled ids is the step's one synchronisation.
+"""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from qworker.config import EngineConfig
+from qworker.engine.batch_inputs import BatchBuilder, HostBatch
+from qworker.engine.cuda_graphs import DecodeGraphs
 from qworker.engine.scheduler import SchedulerOutput
 from qworker.model.llama import AttentionMetadata
 from qworker.model.loader import LoadedModel
+from qworker.model.ops_dispatch import kernels_module
+
+log = logging.getLogger(__name__)
+
+_GRAPH_RESERVE = 512 << 20      # CUDA-graph pool and allocator slack, beyond the profile
 
 
 class ModelRunner:
@@ -15,7 +31,7 @@ class ModelRunner:
 
     ``num_kv_blocks`` is ``config.num_kv_blocks`` when given, else sized from memory by
     ``_num_blocks_for_device``. Per layer the caches are ``[num_kv_blocks, block_size,
-    Hkv, D]`` (docs/design.md, "KV cache layout").
+    Hkv, D]`` (docs/design.md, "KV cache layout"). ``memory`` reports the sizing.
     """
 
     def __init__(self, loaded: LoadedModel, config: EngineConfig,
@@ -26,13 +42,28 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.block_size
         self.vocab_size = self.model.vocab_size
+        self.max_model_len = config.max_model_len or loaded.max_model_len
+        self.memory: dict[str, float] = {}
+        on_cuda = self.device.type == "cuda"
+        self.builder = BatchBuilder(self.block_size, pin=on_cuda)
+        if on_cuda and kernels_module() is None:
+            log.warning("no Triton kernels: the torch reference ops sync the host on every "
+                        "call; running eagerly")
         self.num_kv_blocks = config.num_kv_blocks or self._num_blocks_for_device()
-        shape = (self.num_kv_blocks, self.block_size, self.model.num_kv_heads,
-                 self.model.head_dim)
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(shape, dtype=dtype, device=self.device),
-             torch.zeros(shape, dtype=dtype, device=self.device))
-            for _ in range(self.model.num_layers)]
+        self.kv_caches = self._allocate_kv(self.num_kv_blocks)
+        self.graphs: DecodeGraphs | None = None
+        if on_cuda and not config.enforce_eager and kernels_module() is not None:
+            width = -(-self.max_model_len // self.block_size)
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, config.max_num_seqs, width,
+                                       self.device)
+            self.graphs.capture()
+            self.memory["graph_capture_s"] = round(self.graphs.capture_seconds, 2)
+
+    def _allocate_kv(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device))
+                for _ in range(self.model.num_layers)]
 
     # -- sizing ---------------------------------------------------------------------------
 
@@ -45,24 +76,64 @@ class ModelRunner:
     def _num_blocks_for_device(self) -> int:
         """How many KV blocks fit the memory budget of ``self.device``.
 
-        CPU: ``config.cpu_kv_cache_gb``. CUDA: a first approximation (a share of the
-        memory free now, after the weights are loaded); the GPU engineer replaces it with
-        a profiled peak-activation budget under ``config.gpu_memory_utilization``.
+        CPU: ``config.cpu_kv_cache_gb``. CUDA: ``gpu_memory_utilization`` of the card,
+        less what is in use now (weights, context, other processes), less the peak
+        activations of a profiling forward at ``max_num_batched_tokens``, the sampler's
+        float32 working set and a reserve for the CUDA-graph pool.
         """
         if self.device.type == "cpu":
             budget = int(self.config.cpu_kv_cache_gb * 2**30)
         elif self.device.type == "cuda":
+            activation = self._profile_activation_bytes()
             free, total = torch.cuda.mem_get_info(self.device)
-            reserve = (1.0 - self.config.gpu_memory_utilization) * total
-            budget = int(free - reserve - 2**30)        # 1 GiB for activations (rough)
+            sampler = 6 * self.config.max_num_seqs * self.vocab_size * 4
+            budget = int(total * self.config.gpu_memory_utilization - (total - free)
+                         - activation - sampler - _GRAPH_RESERVE)
+            gib = 2.0**30
+            self.memory.update(total_gib=round(total / gib, 2),
+                               in_use_gib=round((total - free) / gib, 2),
+                               weights_gib=round(torch.cuda.memory_allocated(self.device) / gib, 2),
+                               activation_gib=round(activation / gib, 3),
+                               sampler_gib=round(sampler / gib, 3),
+                               kv_gib=round(max(budget, 0) / gib, 2))
         else:
             raise ValueError(f"no KV cache sizing for device {self.device}; "
                              "set EngineConfig.num_kv_blocks")
         n = budget // self.bytes_per_block()
         if n < 1:
             raise ValueError(f"no room for a single KV block on {self.device} "
-                             f"({self.bytes_per_block()} bytes each, budget {budget})")
+                             f"({self.bytes_per_block()} bytes each, budget {budget}); lower "
+                             "max_num_batched_tokens or raise gpu_memory_utilization")
         return int(n)
+
+    @torch.inference_mode()
+    def _profile_activation_bytes(self) -> int:
+        """Peak bytes allocated beyond the weights by a forward of one request of
+        ``max_num_batched_tokens`` tokens (plus the logits of ``max_num_seqs`` rows), over
+        a throw-away KV cache just large enough. Also compiles the prefill kernels."""
+        t = self.config.max_num_batched_tokens
+        bs, dev = self.block_size, self.device
+        n_blocks = -(-t // bs)
+        kv = self._allocate_kv(n_blocks)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        i32 = dict(dtype=torch.int32, device=dev)
+        positions = (torch.arange(t, dtype=torch.int64, device=dev)
+                     % self.model.cos_sin_cache.shape[0])
+        attn = AttentionMetadata(
+            slot_mapping=torch.arange(t, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor([0, t], **i32), seq_lens=torch.tensor([t], **i32),
+            block_tables=torch.arange(n_blocks, **i32)[None, :], kv_caches=kv)
+        ids = torch.arange(t, dtype=torch.int64, device=dev) % self.vocab_size
+        hidden = self.model(ids, positions, attn)
+        logits = self.model.compute_logits(hidden[-min(t, self.config.max_num_seqs):])
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del kv, attn, hidden, logits
+        torch.cuda.empty_cache()
+        return int(peak)
 
     # -- one step -------------------------------------------------------------------------
 
@@ -72,58 +143,48 @@ class ModelRunner:
 
         Request b contributes ``all_token_ids[start:start+n]`` at positions
         ``start..start+n-1`` with ``start = num_computed_tokens``; its ``block_ids`` must
-        already cover ``start+n`` tokens.
+        already cover ``start+n`` tokens. On CUDA the result is still being computed
+        when this returns.
         """
         if not out.scheduled:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []
-        for s in out.scheduled:
-            req, n = s.request, s.num_new_tokens
-            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
-            if n < 1 or end > req.num_tokens:
-                raise ValueError(f"request {req.request_id}: cannot schedule {n} tokens at "
-                                 f"{start} of {req.num_tokens}")
-            n_blocks = -(-end // bs)
-            if len(req.block_ids) < n_blocks:
-                raise ValueError(f"request {req.request_id}: {len(req.block_ids)} blocks "
-                                 f"cannot hold {end} tokens (block_size {bs})")
-            blocks = req.block_ids[:n_blocks]
-            input_ids += req.all_token_ids[start:end]
-            positions += range(start, end)
-            slots += [blocks[p // bs] * bs + p % bs for p in range(start, end)]
-            query_start_loc.append(query_start_loc[-1] + n)
-            seq_lens.append(end)
-            tables.append(blocks)
-            if s.samples:
-                sample_rows.append(query_start_loc[-1] - 1)
-        width = max(len(t) for t in tables)
-        tables = [t + [0] * (width - len(t)) for t in tables]
-
-        attn = AttentionMetadata(
-            slot_mapping=self._tensor(slots, torch.int64),              # [T]
-            query_start_loc=self._tensor(query_start_loc, torch.int32), # [B+1]
-            seq_lens=self._tensor(seq_lens, torch.int32),               # [B]
-            block_tables=self._tensor(tables, torch.int32),             # [B, M]
-            kv_caches=self.kv_caches,
-        )
+        bucket = self._decode_bucket(out)
+        batch = self.builder.build(out, pad_to=bucket)
         with torch.inference_mode():
-            hidden = self.model(self._tensor(input_ids, torch.int64),   # [T] -> [T, H]
-                                self._tensor(positions, torch.int64), attn)
-            if not sample_rows:
+            if bucket is not None:
+                hidden = self.graphs.run(batch, bucket)                  # [B, H], all sample
+                self.builder.copies_issued(batch)
+                return self.model.compute_logits(hidden)                 # [B, V] fp32
+            dev = self._to_device(batch)
+            self.builder.copies_issued(batch)
+            hidden = self.model(dev.input_ids, dev.positions, AttentionMetadata(
+                slot_mapping=dev.slot_mapping, query_start_loc=dev.query_start_loc,
+                seq_lens=dev.seq_lens, block_tables=dev.block_tables,
+                kv_caches=self.kv_caches))                              # [T, H]
+            if dev.sample_rows.numel() == 0:
                 return torch.empty(0, self.vocab_size, dtype=torch.float32,
                                    device=self.device)
-            rows = self._tensor(sample_rows, torch.int64)               # [S]
-            return self.model.compute_logits(hidden.index_select(0, rows))  # [S, V] fp32
+            return self.model.compute_logits(hidden.index_select(0, dev.sample_rows))
 
-    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
+    def _decode_bucket(self, out: SchedulerOutput) -> int | None:
+        """The graph bucket of a decode-only batch, or None to run eagerly."""
+        if self.graphs is None:
+            return None
+        bs, width = self.block_size, 0
+        for s in out.scheduled:
+            if s.num_new_tokens != 1 or not s.samples:
+                return None
+            width = max(width, -(-(s.request.num_computed_tokens + 1) // bs))
+        return self.graphs.bucket_for(len(out.scheduled), width)
+
+    def _to_device(self, b: HostBatch) -> HostBatch:
         if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+            return b
+
+        def d(t: torch.Tensor) -> torch.Tensor:
+            return t.to(self.device, non_blocking=True)
+
+        return HostBatch(b.num_reqs, b.num_tokens, d(b.input_ids), d(b.positions),
+                         d(b.slot_mapping), d(b.query_start_loc), d(b.seq_lens),
+                         d(b.block_tables), d(b.sample_rows), b.is_decode, b.max_query_len,
+                         b.max_seq_len)

@@ -98,7 +98,7 @@ class SamplingBatch:
         top_k = [min(sp.top_k, V) if sp.top_k > 0 else V for sp in sps]
 
         def t(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return _to_device(torch.tensor(values, dtype=dtype), device)
 
         batch = cls(
             temperature=t([1.0 if g else sp.temperature
@@ -128,12 +128,12 @@ class SamplingBatch:
     def _add_penalties(self, requests: list[Request], V: int,
                        device: torch.device | str) -> None:
         sps = [r.sampling_params for r in requests]
-        self.repetition_penalty = torch.tensor([sp.repetition_penalty for sp in sps],
-                                               dtype=torch.float32, device=device)
-        self.frequency_penalty = torch.tensor([sp.frequency_penalty for sp in sps],
-                                              dtype=torch.float32, device=device)
-        self.presence_penalty = torch.tensor([sp.presence_penalty for sp in sps],
-                                             dtype=torch.float32, device=device)
+        def f32(values: list[float]) -> torch.Tensor:
+            return _to_device(torch.tensor(values, dtype=torch.float32), device)
+
+        self.repetition_penalty = f32([sp.repetition_penalty for sp in sps])
+        self.frequency_penalty = f32([sp.frequency_penalty for sp in sps])
+        self.presence_penalty = f32([sp.presence_penalty for sp in sps])
         # Only rows that use a penalty pay for gathering their token ids.
         out_ids = [r.output_token_ids if sp.repetition_penalty != 1.0
                    or sp.presence_penalty != 0.0 or sp.frequency_penalty != 0.0 else []
@@ -144,6 +144,14 @@ class SamplingBatch:
         self.seen_mask = (_bincount_rows(prompt_ids, V, device) > 0) | (self.output_counts > 0)
 
 
+def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Copy a CPU tensor to ``device`` without blocking the host: a copy from pageable
+    memory to a GPU waits for the stream, i.e. for the step's forward pass."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _int64_cpu(values: Iterable[int]) -> torch.Tensor:
     """A CPU int64 tensor from Python ints (via array: far faster than torch.tensor(list))."""
     buf = array.array("q", values)
@@ -152,9 +160,9 @@ def _int64_cpu(values: Iterable[int]) -> torch.Tensor:
 
 def _bincount_rows(rows: list[list[int]], V: int, device: torch.device | str) -> torch.Tensor:
     """Per-row token counts: B lists of ids -> [B, V] float32 (ids outside [0, V) dropped)."""
-    ids = _int64_cpu(itertools.chain.from_iterable(rows)).to(device)          # [N]
-    row_idx = torch.repeat_interleave(torch.arange(len(rows)),
-                                      _int64_cpu(map(len, rows))).to(device)  # [N]
+    ids = _to_device(_int64_cpu(itertools.chain.from_iterable(rows)), device)  # [N]
+    row_idx = _to_device(torch.repeat_interleave(torch.arange(len(rows)),
+                                                 _int64_cpu(map(len, rows))), device)  # [N]
     ids = torch.where((ids < 0) | (ids >= V), V, ids)                         # spill column V
     counts = torch.zeros(len(rows), V + 1, dtype=torch.float32, device=device)
     counts.index_put_((row_idx, ids), torch.ones_like(ids, dtype=torch.float32),
@@ -169,7 +177,7 @@ class Sampler:
         logits = logits.to(torch.float32)
         if batch.banned_rows is not None:
             logits = logits.index_put((batch.banned_rows, batch.banned_cols),
-                                      torch.tensor(float("-inf"), device=logits.device))
+                                      torch.full((), float("-inf"), device=logits.device))
         if batch.seen_mask is not None:
             logits = apply_penalties(logits, batch)
         greedy_ids = logits.argmax(dim=-1)                                   # [B]

@@ -3,7 +3,11 @@
 Covers Llama (SmolLM2; Llama 3 rope scaling), Mistral, Qwen2/2.5 (qkv bias) and Qwen3
 (RMSNorm of q and k per head). q/k/v and gate/up projections are fused into one matmul
 each; ``load_weights`` concatenates the checkpoint's separate tensors at load time.
-Shapes: T tokens of a batch, H hidden, Hq/Hkv heads, D head_dim, V vocab, B requests.
+Built with a ``TPContext`` of size P > 1 it holds one tensor-parallel shard
+(``qworker.model.parallel``): Hq/P query heads and their KV heads, I/P of the MLP, V/P of
+the vocabulary; with P == 1 the layers are plain ones.
+Shapes: T tokens of a batch, H hidden, Hq/Hkv heads (this rank's), D head_dim, V vocab,
+B requests.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ from qworker.model.ops_dispatch import (
     rope_cos_sin_cache,
     silu_and_mul,
     store_kvcache,
+)
+from qworker.model.parallel import (
+    SINGLE,
+    ColumnParallelLinear,
+    ParallelLMHead,
+    RowParallelLinear,
+    TPContext,
+    VocabParallelEmbedding,
+    even_shard,
+    head_shard,
 )
 
 SUPPORTED_ARCHITECTURES = {
@@ -58,31 +72,25 @@ class AttentionMetadata:
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer [blocks, bs, Hkv, D] x2
 
 
-class Linear(nn.Module):
-    """y = x @ W.T + b, with uninitialized storage (the checkpoint fills it)."""
-
-    def __init__(self, n_in: int, n_out: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_out, n_in), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(n_out), requires_grad=False) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.weight, self.bias)
-
-
 def _norm_weight(n: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(n), requires_grad=False)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, arch: str, head_dim: int) -> None:
+    def __init__(self, cfg, arch: str, head_dim: int, tp: TPContext) -> None:
         super().__init__()
-        self.hq, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, head_dim
+        hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        if hq % tp.size:
+            raise ValueError(f"{hq} attention heads cannot be split over "
+                             f"tensor_parallel_size {tp.size}")
+        q = head_shard(hq, head_dim, tp, "attention heads")
+        kv = head_shard(hkv, head_dim, tp, "key/value heads")
+        self.hq, self.hkv, self.d = q.length // head_dim, kv.length // head_dim, head_dim
         self.eps = cfg.rms_norm_eps
         bias = bool(getattr(cfg, "attention_bias", False))
-        self.qkv_proj = Linear(cfg.hidden_size, (self.hq + 2 * self.hkv) * head_dim,
-                               bias=bias or arch == "qwen2")
-        self.o_proj = Linear(self.hq * head_dim, cfg.hidden_size, bias=bias)
+        self.qkv_proj = ColumnParallelLinear(cfg.hidden_size, {"q": q, "k": kv, "v": kv},
+                                             bias=bias or arch == "qwen2")
+        self.o_proj = RowParallelLinear(hq * head_dim, cfg.hidden_size, bias, tp)
         self.qk_norm = arch == "qwen3"
         if self.qk_norm:
             self.q_norm, self.k_norm = _norm_weight(head_dim), _norm_weight(head_dim)
@@ -103,26 +111,28 @@ class Attention(nn.Module):
         store_kvcache(k, v, k_cache, v_cache, attn.slot_mapping)
         o = paged_attention(q, k_cache, v_cache, attn.query_start_loc, attn.seq_lens,
                             attn.block_tables, self.scale)      # [T, Hq, D]
-        return self.o_proj(o.reshape(t, self.hq * self.d))
+        return self.o_proj(o.reshape(t, self.hq * self.d))    # all-reduced: [T, H]
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, tp: TPContext) -> None:
         super().__init__()
-        bias = bool(getattr(cfg, "mlp_bias", False))
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=bias)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=bias)
+        bias, inter = bool(getattr(cfg, "mlp_bias", False)), cfg.intermediate_size
+        part = even_shard(inter, tp, "intermediate_size")
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, {"gate": part, "up": part},
+                                                 bias)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))   # [T, 2I] -> [T, I] -> [T, H]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, arch: str, head_dim: int, index: int) -> None:
+    def __init__(self, cfg, arch: str, head_dim: int, index: int, tp: TPContext) -> None:
         super().__init__()
         self.index, self.eps = index, cfg.rms_norm_eps
-        self.self_attn = Attention(cfg, arch, head_dim)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, arch, head_dim, tp)
+        self.mlp = MLP(cfg, tp)
         self.input_layernorm = _norm_weight(cfg.hidden_size)
         self.post_attention_layernorm = _norm_weight(cfg.hidden_size)
 
@@ -140,11 +150,10 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg, arch: str, head_dim: int) -> None:
+    def __init__(self, cfg, arch: str, head_dim: int, tp: TPContext) -> None:
         super().__init__()
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size),
-                                         requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, arch, head_dim, i)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, arch, head_dim, i, tp)
                                     for i in range(cfg.num_hidden_layers))
         self.norm = _norm_weight(cfg.hidden_size)
 
@@ -155,21 +164,25 @@ class LlamaForCausalLM(nn.Module):
 
     Build it under ``torch.device(...)`` and ``torch.set_default_dtype`` (as
     ``qworker.model.loader`` does): parameters are uninitialized until ``load_weights``.
+    With ``tp.size > 1`` every rank of the group must call ``forward`` and
+    ``compute_logits`` with the same shapes (they run collectives); ``num_kv_heads`` is
+    then this rank's count (its KV cache holds only those heads).
     """
 
-    def __init__(self, hf_config) -> None:
+    def __init__(self, hf_config, tp: TPContext = SINGLE) -> None:
         super().__init__()
         cfg = hf_config
-        self.arch = architecture_of(cfg)
+        self.arch, self.tp = architecture_of(cfg), tp
         self.num_layers = cfg.num_hidden_layers
-        self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.hidden_size, self.vocab_size = cfg.hidden_size, cfg.vocab_size
         self.eps = cfg.rms_norm_eps
-        self.model = LlamaModel(cfg, self.arch, self.head_dim)
+        self.model = LlamaModel(cfg, self.arch, self.head_dim, tp)
+        self.num_kv_heads = self.model.layers[0].self_attn.hkv
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
-        self.lm_head = None if self.tie_word_embeddings else Linear(cfg.hidden_size,
-                                                                   cfg.vocab_size, bias=False)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp,
+                                      self.model.embed_tokens if self.tie_word_embeddings
+                                      else None)
         rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None)
                     or {})
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
@@ -181,7 +194,7 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionMetadata) -> torch.Tensor:
-        h = nn.functional.embedding(input_ids, self.model.embed_tokens)   # [T, H]
+        h = self.model.embed_tokens(input_ids)                             # [T, H]
         residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, positions, self.cos_sin_cache, attn)
@@ -189,47 +202,48 @@ class LlamaForCausalLM(nn.Module):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        w = self.model.embed_tokens if self.lm_head is None else self.lm_head.weight
-        return nn.functional.linear(hidden, w).float()                    # [N, V]
+        return self.lm_head(hidden)                                        # [N, H] -> [N, V]
 
     # -- weights --------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (Hugging Face name, tensor) pairs into the fused parameters.
+        """Copy (Hugging Face name, tensor) pairs into the fused parameters, keeping this
+        rank's shard of each.
 
         Raises ``ValueError`` on an unexpected name or shape, or if a parameter was not
         fully provided.
         """
-        params = dict(self.named_parameters())
-        q, kv = self.model.layers[0].self_attn.hq * self.head_dim, self.num_kv_heads * self.head_dim
-        inter = self.model.layers[0].mlp.down_proj.weight.shape[1]
-        packed = {"q_proj": ("qkv_proj", 0, q), "k_proj": ("qkv_proj", q, kv),
-                  "v_proj": ("qkv_proj", q + kv, kv), "gate_proj": ("gate_up_proj", 0, inter),
-                  "up_proj": ("gate_up_proj", inter, inter)}
-        filled: dict[str, int] = {}
+        modules = dict(self.named_modules())
+        packed = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"),
+                  "v_proj": ("qkv_proj", "v"), "gate_proj": ("gate_up_proj", "gate"),
+                  "up_proj": ("gate_up_proj", "up")}
+        filled: dict[int, int] = {}                             # id(parameter) -> elements
         for name, tensor in weights:
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.tie_word_embeddings:
                 continue            # tied: the embedding is the output projection
-            name = name.replace("model.embed_tokens.weight", "model.embed_tokens")
-            name = name.replace("layernorm.weight", "layernorm").replace("norm.weight", "norm")
-            parts = name.split(".")
-            target, start, size = name, 0, None
+            target = name.replace("layernorm.weight", "layernorm").replace("norm.weight", "norm")
+            parts = target.split(".")
+            part = None
             if len(parts) >= 2 and parts[-2] in packed:
-                fused, start, size = packed[parts[-2]]
-                target = ".".join(parts[:-2] + [fused, parts[-1]])
-            if target not in params:
+                parts[-2], part = packed[parts[-2]]
+            module, attr = modules.get(".".join(parts[:-1])), parts[-1]
+            param = getattr(module, attr, None) if module is not None else None
+            if not isinstance(param, nn.Parameter):
                 raise ValueError(f"unexpected weight {name!r} for {self.arch}")
-            dest = params[target].data
-            if size is not None:
-                dest = dest.narrow(0, start, size)
-            if tuple(dest.shape) != tuple(tensor.shape):
-                raise ValueError(f"weight {name!r} has shape {tuple(tensor.shape)}, "
-                                 f"expected {tuple(dest.shape)}")
-            dest.copy_(tensor)
-            filled[target] = filled.get(target, 0) + tensor.numel()
-        missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
+            try:
+                if hasattr(module, "load"):
+                    n = module.load(attr, tensor, part)
+                elif tuple(param.shape) != tuple(tensor.shape):
+                    raise ValueError(f"has shape {tuple(tensor.shape)}, expected "
+                                     f"{tuple(param.shape)}")
+                else:
+                    n = param.data.copy_(tensor).numel()
+            except ValueError as e:
+                raise ValueError(f"weight {name!r}: {e}") from None
+            filled[id(param)] = filled.get(id(param), 0) + n
+        missing = [n for n, p in self.named_parameters() if filled.get(id(p), 0) != p.numel()]
         if missing:
             raise ValueError(f"checkpoint lacks weights for {len(missing)} parameter(s), "
                              f"e.g. {missing[:3]}")

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from qworker.model.llama import LlamaForCausalLM, architecture_of
+from qworker.model.parallel import SINGLE, TPContext
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,12 @@ class LoadedModel:
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32, load_format: str = "auto") -> LoadedModel:
+               dtype: torch.dtype = torch.float32, load_format: str = "auto",
+               tp: TPContext = SINGLE) -> LoadedModel:
     """Load a Hugging Face checkpoint directory (safetensors, single or sharded).
+
+    With ``tp.size > 1`` the model keeps only rank ``tp.rank``'s tensor-parallel shard
+    (each rank reads the checkpoint tensor by tensor and copies its slice).
 
     ``load_format="dummy"`` needs only config.json: weights are random (normal, std 0.02;
     norms 1), the tokenizer is optional. Raises ``ValueError`` for an unsupported
@@ -45,7 +50,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     architecture_of(config)                     # fail fast, naming what is supported
     files = _weight_files(path) if load_format != "dummy" else []
     with torch.device(device), _default_dtype(dtype):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, tp)
     if load_format == "dummy":
         _random_init(model)
     else:

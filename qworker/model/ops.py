@@ -107,32 +107,30 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; query_start_loc: [B+1];
     seq_lens: [B] (context length including this step's tokens); block_tables: [B, M].
     Request b's q_len queries are its last q_len tokens; each attends to its own position
-    and everything before it. Computed per request in float32, so a request's result does
-    not depend on the rest of the batch. Returns [T, Hq, D] in q's dtype.
+    and everything before it. Computed per request in float32 (torch's fused SDPA), so a
+    request's result does not depend on the rest of the batch. Returns [T, Hq, D] in q's
+    dtype. Reads the lengths on the host: the CPU path, and the kernels' oracle.
     """
     _, bs, hkv, d = k_cache.shape
     hq = q.shape[1]
-    group = hq // hkv
     out = torch.empty_like(q)
     qsl = query_start_loc.tolist()
-    lens = seq_lens.tolist()
-    for b, seq_len in enumerate(lens):
+    for b, seq_len in enumerate(seq_lens.tolist()):
         start, end = qsl[b], qsl[b + 1]
         q_len = end - start
         if q_len == 0:
             continue
         nblk = (seq_len + bs - 1) // bs
         blocks = block_tables[b, :nblk].long()
-        k = k_cache[blocks].reshape(nblk * bs, hkv, d)[:seq_len].float()   # [S, Hkv, D]
-        v = v_cache[blocks].reshape(nblk * bs, hkv, d)[:seq_len].float()
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)                          # [S, Hq, D]
-            v = v.repeat_interleave(group, dim=1)
-        qb = q[start:end].float().transpose(0, 1)                          # [Hq, q_len, D]
-        scores = torch.matmul(qb, k.permute(1, 2, 0)) * scale              # [Hq, q_len, S]
-        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)        # [q_len, 1]
-        k_pos = torch.arange(seq_len, device=q.device).unsqueeze(0)                       # [1, S]
-        scores.masked_fill_(k_pos > q_pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[start:end] = torch.matmul(probs, v.transpose(0, 1)).transpose(0, 1).to(q.dtype)
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().transpose(0, 1)    # [Hkv, S, D]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().transpose(0, 1)
+        qb = q[start:end].float().transpose(0, 1)                               # [Hq, q_len, D]
+        mask = None
+        if q_len > 1:   # query i sits at seq_len - q_len + i and sees keys 0..itself
+            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [q_len, S]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qb.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale,
+            enable_gqa=hq != hkv)                                              # [1, Hq, q_len, D]
+        out[start:end] = o[0].transpose(0, 1).to(q.dtype)
     return out

@@ -1,0 +1,253 @@
+"""The whole path through Redis vs the in-process engine, and serving latency.
+
+1. Throughput: the same workload (all requests at once, each generating exactly its own
+   length) through the in-process ``Engine`` and through Redis (``qworker worker``
+   subprocess + XADD / pub/sub), output tokens per wall second from first submission to
+   last completion; the ratio redis / engine is the figure (target >= 0.95).
+2. Serving: Poisson arrivals at each ``--rates`` (requests/s) through Redis; TTFT
+   (submission to first streamed token), TPOT ((end-to-end - TTFT) / (tokens - 1)) and
+   ITL (gaps between streamed events), p50 / p99, and goodput at --slo-ttft-ms and
+   --slo-tpot-ms (as vLLM's serving benchmark defines them).
+
+Workloads: W_cpu (SmolLM2-135M-Instruct, real weights, the 16 test prompts, 48 tokens
+each) or ``random`` (random token prompts, seeded, on ``--model``). Model load and warm-up
+are excluded. Starts its own redis-server on a free port unless --redis-url is given.
+
+  python scripts/bench_queue.py --workload W_cpu --rates 1,2,4 --json out/bench_queue.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import redis
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_offline import W_CPU_PROMPTS, random_workload  # noqa: E402
+
+
+def pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 2)
+
+
+def start_redis() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--dir", tempfile.mkdtemp()],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    r = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            r.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def engine_args(a) -> list[str]:
+    args = ["--device", a.device, "--dtype", a.dtype, "--max-num-seqs", str(a.max_num_seqs)]
+    return args + (["--num-kv-blocks", str(a.num_kv_blocks)] if a.num_kv_blocks else [])
+
+
+def run_engine(a, reqs) -> tuple[int, float]:
+    """The in-process baseline: add every request, step until done."""
+    from qworker import EngineConfig, SamplingParams
+    from qworker.engine.engine import Engine
+
+    eng = Engine(a.model, EngineConfig(max_num_seqs=a.max_num_seqs, num_kv_blocks=a.num_kv_blocks),
+                 device=a.device, dtype=a.dtype)
+
+    def go(batch):
+        for i, (ids, n) in enumerate(batch):
+            eng.add_request(f"r{i}", ids, SamplingParams(max_tokens=n, temperature=0.0,
+                                                         ignore_eos=True))
+        toks = 0
+        while eng.has_unfinished():
+            toks += sum(len(o.new_token_ids) for o in eng.step())
+        return toks
+
+    go([(reqs[0][0][:16], 4)])                                   # warm-up
+    t = time.perf_counter()
+    toks = go(reqs)
+    return toks, time.perf_counter() - t
+
+
+class Listener(threading.Thread):
+    """Records the arrival of every event of every job (one PSUBSCRIBE, set up first)."""
+
+    def __init__(self, r: redis.Redis, prefix: str):
+        super().__init__(daemon=True)
+        self.ps = r.pubsub(ignore_subscribe_messages=True)
+        self.ps.psubscribe(f"{prefix}:out:*")
+        self.events: dict[str, list[tuple[float, int, bool]]] = {}
+        self.done: set[str] = set()
+        self.cond = threading.Condition()
+
+    def run(self) -> None:
+        while True:
+            m = self.ps.get_message(timeout=1.0)
+            if not m:
+                continue
+            now = time.perf_counter()
+            ev = msgpack.unpackb(m["data"])
+            with self.cond:
+                self.events.setdefault(ev["id"], []).append((now, len(ev["token_ids"]),
+                                                            ev["finished"]))
+                if ev["finished"]:
+                    self.done.add(ev["id"])
+                    self.cond.notify_all()
+
+    def wait(self, ids: set[str], bar: tqdm | None, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        with self.cond:
+            while not ids <= self.done:
+                if time.monotonic() > end:
+                    raise SystemExit(f"timed out: {len(ids - self.done)} jobs unfinished")
+                self.cond.wait(0.5)
+                if bar is not None:
+                    bar.n = len(ids & self.done)
+                    bar.refresh()
+
+
+def submit(r: redis.Redis, prefix: str, job_id: str, ids: list[int], n: int) -> None:
+    job = {"v": 1, "id": job_id, "prompt_token_ids": ids, "submitted_ms": int(time.time() * 1000),
+           "params": {"max_tokens": n, "temperature": 0.0, "ignore_eos": True}}
+    r.xadd(f"{prefix}:jobs", {"job": msgpack.packb(job)})
+
+
+def run_redis(r, lis, prefix, reqs, tag, timeout) -> tuple[int, float]:
+    ids = {f"{tag}-{i}" for i in range(len(reqs))}
+    t = time.perf_counter()
+    pipe = r.pipeline(transaction=False)
+    for i, (p, n) in enumerate(reqs):
+        job = {"v": 1, "id": f"{tag}-{i}", "prompt_token_ids": p,
+               "params": {"max_tokens": n, "temperature": 0.0, "ignore_eos": True}}
+        pipe.xadd(f"{prefix}:jobs", {"job": msgpack.packb(job)})
+    pipe.execute()
+    with tqdm(total=len(ids), desc=f"redis {tag}", leave=False) as bar:
+        lis.wait(ids, bar, timeout)
+    dt = time.perf_counter() - t
+    return sum(n for j in ids for _, n, _ in lis.events[j]), dt
+
+
+def run_poisson(r, lis, prefix, reqs, rate, a) -> dict:
+    rng = random.Random(1)
+    sent: dict[str, float] = {}
+    tag = f"p{rate}"
+    t0 = time.perf_counter()
+    with tqdm(total=len(reqs), desc=f"poisson {rate}/s", leave=False) as bar:
+        for i, (p, n) in enumerate(reqs):
+            jid = f"{tag}-{i}"
+            sent[jid] = time.perf_counter()
+            submit(r, prefix, jid, p, n)
+            bar.update(1)
+            time.sleep(rng.expovariate(rate))
+        lis.wait(set(sent), None, a.timeout)
+    dur = time.perf_counter() - t0
+    ttft, tpot, itl, good = [], [], [], 0
+    for jid, t_sub in sent.items():
+        evs = [e for e in lis.events[jid] if e[1] > 0]
+        first, last = evs[0][0], evs[-1][0]
+        ntok = sum(e[1] for e in evs)
+        ttft.append((first - t_sub) * 1000)
+        tp = (last - first) * 1000 / max(1, ntok - 1)
+        tpot.append(tp)
+        itl += [(b[0] - a_[0]) * 1000 for a_, b in zip(evs, evs[1:], strict=False)]
+        good += ttft[-1] <= a.slo_ttft_ms and tp <= a.slo_tpot_ms
+    return {"rate": rate, "requests": len(sent), "duration_s": round(dur, 2),
+            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
+            "tpot_ms": {"p50": pct(tpot, 50), "p99": pct(tpot, 99)},
+            "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
+            "goodput_rps": round(good / dur, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--workload", default="W_cpu", choices=["W_cpu", "random"])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--n", type=int, default=None, help="requests (random: default 64)")
+    ap.add_argument("--input-len", default="32,256", help="random: uniform lo,hi")
+    ap.add_argument("--output-len", default="16,128", help="random: uniform lo,hi")
+    ap.add_argument("--rates", default="1,2,4", help="Poisson arrival rates (req/s)")
+    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--redis-url", default=None)
+    ap.add_argument("--slo-ttft-ms", type=float, default=200.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    ap.add_argument("--timeout", type=float, default=1800.0)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    from qworker.model.hub import resolve_model
+    a.model = str(resolve_model(a.model))
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(a.model)
+    if a.workload == "W_cpu":
+        reqs = [(tok.encode(p), 48) for p in W_CPU_PROMPTS][: a.n]
+    else:
+        lo_hi = [tuple(int(x) for x in s.split(",")) for s in (a.input_len, a.output_len)]
+        reqs = random_workload(a.n or 64, lo_hi[0], lo_hi[1], len(tok))
+
+    res: dict = {"workload": a.workload, "model": a.model, "requests": len(reqs),
+                 "device": a.device, "max_num_seqs": a.max_num_seqs}
+    toks_e, dt_e = run_engine(a, reqs)
+    res["engine_tok_s"] = round(toks_e / dt_e, 1)
+    print(f"in-process engine: {toks_e} tok in {dt_e:.2f} s = {toks_e / dt_e:.1f} tok/s", flush=True)
+
+    server, url = (None, a.redis_url) if a.redis_url else start_redis()
+    prefix = f"bench{os.getpid()}"
+    worker = subprocess.Popen([sys.executable, "-m", "qworker.cli", "worker", "--model", a.model,
+                               "--redis-url", url, "--prefix", prefix, "--name", "bench",
+                               "--log-level", "warning", *engine_args(a)])
+    try:
+        r = redis.Redis.from_url(url)
+        lis = Listener(r, prefix)
+        lis.start()
+        run_redis(r, lis, prefix, [(reqs[0][0][:16], 4)], "warmup", 600)   # load + warm-up
+        toks_r, dt_r = run_redis(r, lis, prefix, reqs, "tput", a.timeout)
+        if toks_r != toks_e:
+            raise SystemExit(f"redis produced {toks_r} tokens, the engine {toks_e}")
+        res["redis_tok_s"] = round(toks_r / dt_r, 1)
+        res["ratio_redis_vs_engine"] = round(res["redis_tok_s"] / res["engine_tok_s"], 3)
+        print(f"through redis:     {toks_r} tok in {dt_r:.2f} s = {toks_r / dt_r:.1f} tok/s"
+              f"  (ratio {res['ratio_redis_vs_engine']:.3f})", flush=True)
+        res["serving"] = []
+        for rate in [float(x) for x in a.rates.split(",") if x]:
+            row = run_poisson(r, lis, prefix, reqs, rate, a)
+            res["serving"].append(row)
+            print(f"rate {rate:5.2f}/s  TTFT p50/p99 {row['ttft_ms']['p50']}/{row['ttft_ms']['p99']}"
+                  f" ms  TPOT {row['tpot_ms']['p50']}/{row['tpot_ms']['p99']} ms  ITL "
+                  f"{row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms  goodput "
+                  f"{row['goodput_rps']} req/s", flush=True)
+    finally:
+        worker.terminate()
+        worker.wait(60)
+        if server is not None:
+            server.kill()
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
