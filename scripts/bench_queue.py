@@ -10,10 +10,12 @@
    --slo-tpot-ms (as vLLM's serving benchmark defines them).
 
 Workloads: W_cpu (SmolLM2-135M-Instruct, real weights, the 16 test prompts, 48 tokens
-each) or ``random`` (random token prompts, seeded, on ``--model``). Model load and warm-up
-are excluded. Starts its own redis-server on a free port unless --redis-url is given.
+each), W_nano / W_8b (real shapes, random weights, random token prompts, as in
+bench_offline.py) or ``random`` (random token prompts on ``--model``). Model load and
+warm-up are excluded. Starts its own redis-server on a free port unless --redis-url is given.
 
   python scripts/bench_queue.py --workload W_cpu --rates 1,2,4 --json out/bench_queue.json
+  python scripts/bench_queue.py --workload W_nano --device cuda --max-num-seqs 256 --rates 8,16,32
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +38,13 @@ import redis
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_offline import W_CPU_PROMPTS, random_workload  # noqa: E402
+from bench_offline import (  # noqa: E402
+    SHAPES,
+    W_CPU_PROMPTS,
+    WORKLOADS,
+    make_checkpoint,
+    random_workload,
+)
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -63,31 +72,37 @@ def start_redis() -> tuple[subprocess.Popen, str]:
 
 
 def engine_args(a) -> list[str]:
-    args = ["--device", a.device, "--dtype", a.dtype, "--max-num-seqs", str(a.max_num_seqs)]
+    args = ["--device", a.device, "--dtype", a.dtype, "--max-num-seqs", str(a.max_num_seqs),
+            "--load-format", a.load_format,
+            # the budget is a share of the whole card, the engine's part included
+            "--gpu-memory-utilization", str(min(0.95, 2 * a.gpu_memory_utilization + 0.05))]
     return args + (["--num-kv-blocks", str(a.num_kv_blocks)] if a.num_kv_blocks else [])
 
 
-def run_engine(a, reqs) -> tuple[int, float]:
-    """The in-process baseline: add every request, step until done."""
+def make_engine(a):
+    """The in-process baseline: ``go(reqs)`` adds every request and steps until done."""
     from qworker import EngineConfig, SamplingParams
     from qworker.engine.engine import Engine
 
-    eng = Engine(a.model, EngineConfig(max_num_seqs=a.max_num_seqs, num_kv_blocks=a.num_kv_blocks),
+    eng = Engine(a.model, EngineConfig(max_num_seqs=a.max_num_seqs, num_kv_blocks=a.num_kv_blocks,
+                                       load_format=a.load_format,
+                                       gpu_memory_utilization=a.gpu_memory_utilization),
                  device=a.device, dtype=a.dtype)
+    runs = [0]
 
-    def go(batch):
+    def go(batch) -> tuple[int, float]:
+        runs[0] += 1
+        t = time.perf_counter()
         for i, (ids, n) in enumerate(batch):
-            eng.add_request(f"r{i}", ids, SamplingParams(max_tokens=n, temperature=0.0,
-                                                         ignore_eos=True))
+            eng.add_request(f"r{runs[0]}-{i}", ids, SamplingParams(max_tokens=n, temperature=0.0,
+                                                                   ignore_eos=True))
         toks = 0
         while eng.has_unfinished():
             toks += sum(len(o.new_token_ids) for o in eng.step())
-        return toks
+        return toks, time.perf_counter() - t
 
-    go([(reqs[0][0][:16], 4)])                                   # warm-up
-    t = time.perf_counter()
-    toks = go(reqs)
-    return toks, time.perf_counter() - t
+    go([([1, 2, 3, 4], 4)])                                       # warm-up
+    return go
 
 
 class Listener(threading.Thread):
@@ -181,7 +196,7 @@ def run_poisson(r, lis, prefix, reqs, rate, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--workload", default="W_cpu", choices=["W_cpu", "random"])
+    ap.add_argument("--workload", default="W_cpu", choices=["W_cpu", *WORKLOADS, "random"])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--n", type=int, default=None, help="requests (random: default 64)")
     ap.add_argument("--input-len", default="32,256", help="random: uniform lo,hi")
@@ -191,28 +206,36 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                    help="each side's share: the engine and the worker share one GPU")
     ap.add_argument("--redis-url", default=None)
     ap.add_argument("--slo-ttft-ms", type=float, default=200.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    ap.add_argument("--repeat", type=int, default=3, help="engine/redis throughput pairs")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--json", default="")
     a = ap.parse_args()
-    from qworker.model.hub import resolve_model
-    a.model = str(resolve_model(a.model))
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(a.model)
-    if a.workload == "W_cpu":
-        reqs = [(tok.encode(p), 48) for p in W_CPU_PROMPTS][: a.n]
+    a.load_format = "auto"
+    if a.workload in WORKLOADS:          # real shapes, random weights, random token prompts
+        w = WORKLOADS[a.workload]
+        a.model, a.load_format = make_checkpoint(w["shape"], None, with_weights=False), "dummy"
+        reqs = random_workload(a.n or w["n"], w["inp"], w["out"],
+                               SHAPES[w["shape"]]["vocab_size"])
     else:
-        lo_hi = [tuple(int(x) for x in s.split(",")) for s in (a.input_len, a.output_len)]
-        reqs = random_workload(a.n or 64, lo_hi[0], lo_hi[1], len(tok))
+        from transformers import AutoTokenizer
+
+        from qworker.model.hub import resolve_model
+        a.model = str(resolve_model(a.model))
+        tok = AutoTokenizer.from_pretrained(a.model)
+        if a.workload == "W_cpu":
+            reqs = [(tok.encode(p), 48) for p in W_CPU_PROMPTS][: a.n]
+        else:
+            lo_hi = [tuple(int(x) for x in s.split(",")) for s in (a.input_len, a.output_len)]
+            reqs = random_workload(a.n or 64, lo_hi[0], lo_hi[1], len(tok))
 
     res: dict = {"workload": a.workload, "model": a.model, "requests": len(reqs),
-                 "device": a.device, "max_num_seqs": a.max_num_seqs}
-    toks_e, dt_e = run_engine(a, reqs)
-    res["engine_tok_s"] = round(toks_e / dt_e, 1)
-    print(f"in-process engine: {toks_e} tok in {dt_e:.2f} s = {toks_e / dt_e:.1f} tok/s", flush=True)
-
+                 "device": a.device, "max_num_seqs": a.max_num_seqs, "pairs": []}
+    engine = make_engine(a)
     server, url = (None, a.redis_url) if a.redis_url else start_redis()
     prefix = f"bench{os.getpid()}"
     worker = subprocess.Popen([sys.executable, "-m", "qworker.cli", "worker", "--model", a.model,
@@ -223,13 +246,20 @@ def main() -> None:
         lis = Listener(r, prefix)
         lis.start()
         run_redis(r, lis, prefix, [(reqs[0][0][:16], 4)], "warmup", 600)   # load + warm-up
-        toks_r, dt_r = run_redis(r, lis, prefix, reqs, "tput", a.timeout)
-        if toks_r != toks_e:
-            raise SystemExit(f"redis produced {toks_r} tokens, the engine {toks_e}")
-        res["redis_tok_s"] = round(toks_r / dt_r, 1)
-        res["ratio_redis_vs_engine"] = round(res["redis_tok_s"] / res["engine_tok_s"], 3)
-        print(f"through redis:     {toks_r} tok in {dt_r:.2f} s = {toks_r / dt_r:.1f} tok/s"
-              f"  (ratio {res['ratio_redis_vs_engine']:.3f})", flush=True)
+        for k in range(a.repeat):       # alternate, so load from elsewhere hits both sides
+            toks_e, dt_e = engine(reqs)
+            toks_r, dt_r = run_redis(r, lis, prefix, reqs, f"tput{k}", a.timeout)
+            if toks_r != toks_e:
+                raise SystemExit(f"redis produced {toks_r} tokens, the engine {toks_e}")
+            pair = {"engine_tok_s": round(toks_e / dt_e, 1), "redis_tok_s": round(toks_r / dt_r, 1),
+                    "ratio": round(dt_e / dt_r, 3)}
+            res["pairs"].append(pair)
+            print(f"run {k}: engine {toks_e} tok {dt_e:.2f} s ({pair['engine_tok_s']} tok/s), "
+                  f"redis {dt_r:.2f} s ({pair['redis_tok_s']} tok/s), ratio {pair['ratio']}",
+                  flush=True)
+        for key in ("engine_tok_s", "redis_tok_s", "ratio"):
+            res[f"median_{key}"] = statistics.median(p[key] for p in res["pairs"])
+        print(f"median ratio redis / engine: {res['median_ratio']}", flush=True)
         res["serving"] = []
         for rate in [float(x) for x in a.rates.split(",") if x]:
             row = run_poisson(r, lis, prefix, reqs, rate, a)

@@ -178,12 +178,52 @@ def test_job_past_its_deadline_expires_without_gpu_work(client, worker, monkeypa
     assert jid not in calls
 
 
-def test_running_job_is_stopped_at_its_deadline(client):
-    jid = client.submit(prompt="slow", max_tokens=450, ignore_eos=True, deadline=0.3)
-    res = client.result(jid, timeout=10)
-    assert res.finish_reason in ("expired", "length")
-    if res.finish_reason == "expired":
-        assert 0 < len(res.token_ids) < 450
+def test_running_job_is_stopped_at_its_deadline(client, worker, monkeypatch):
+    real_step = worker.engine.step
+    monkeypatch.setattr(worker.engine, "step", lambda: (time.sleep(0.01), real_step())[1])
+    jid = client.submit(prompt="slow", max_tokens=450, ignore_eos=True, deadline=0.5)
+    res = client.result(jid, timeout=10)          # 450 steps would take > 4.5 s
+    assert res.finish_reason == "expired" and 0 < len(res.token_ids) < 450
+    assert not worker.engine.has_unfinished()
+
+
+def test_drain_finishes_short_jobs_and_hands_back_long_ones_with_their_progress(
+        server, tiny, offline):
+    from qworker.engine.engine import Engine
+
+    def slow_engine():
+        engine = Engine(tiny, EngineConfig(max_num_seqs=4, num_kv_blocks=128), device="cpu",
+                        dtype="float32")
+        real_step = engine.step
+        engine.step = lambda: (time.sleep(0.01), real_step())[1]
+        return engine
+
+    keys, r = Keys("drain"), server.client()
+    w = InProcessWorker(slow_engine(), server.url, "drainer", keys=keys)
+    c = Client(server.url, prefix="drain")
+    short = c.submit(prompt="first", max_tokens=20, ignore_eos=True, temperature=0.0)
+    long = c.submit(prompt="second", max_tokens=300, ignore_eos=True, temperature=0.0)
+    wait_for(lambda: r.xlen(keys.log(long)) >= 2, 20, what="the long job to start")
+    w.worker.stop(drain_timeout=1.0)
+    w.thread.join(30)
+    assert c.get_result(short).finish_reason == "length"      # finished while draining
+    assert c.get_result(long) is None
+    (_, entry), = r.xrange(keys.jobs)                            # handed back, old entry acked
+    assert unpack(entry[b"job"])["id"] == long and entry[b"handoff_from"] == b"drainer"
+    assert r.xpending(keys.jobs, keys.group)["pending"] == 0
+    progress = r.xlen(keys.log(long))
+    assert 2 <= progress < 300
+    w2 = InProcessWorker(slow_engine(), server.url, "successor", keys=keys)
+    try:
+        res = c.result(long, timeout=30)
+        want = offline.generate("second", SamplingParams(max_tokens=300, temperature=0.0,
+                                                         ignore_eos=True))[0]
+        assert res.token_ids == want.token_ids and res.text == want.text
+        events = list(c.stream(long, timeout=5))
+        assert [e.seq for e in events] == list(range(len(events)))
+    finally:
+        w2.stop()
+        c.close()
 
 
 def test_hostile_payloads_are_rejected_one_by_one_and_the_worker_keeps_serving(
@@ -276,6 +316,20 @@ def test_concurrent_reclaimers_each_stale_entry_goes_to_exactly_one(server):
     assert sum(1 for got in claims.values() if got) >= 2
     assert {p["times_delivered"] for p in r.xpending_range(keys.jobs, keys.group, "-", "+",
                                                            100)} == {2}
+
+
+def test_reclaiming_an_entry_deleted_while_pending_acks_it(server):
+    keys = Keys("deleted")
+    r = server.client()
+    entry = r.xadd(keys.jobs, {"job": pack({"v": 1, "id": "gone", "prompt": "x"})})
+    r.xgroup_create(keys.jobs, keys.group, id="0")
+    r.xreadgroup(keys.group, "ghost", {keys.jobs: ">"})
+    r.xdel(keys.jobs, entry)                                   # gone, but still pending
+    time.sleep(0.15)
+    it = Intake(keys, "heir", None, 49152, 512)
+    it.bind(server.client())
+    assert it.reclaim(10, 100, set()) == []
+    assert r.xpending(keys.jobs, keys.group)["pending"] == 0
 
 
 def test_heartbeat_says_what_the_worker_holds(client, server):

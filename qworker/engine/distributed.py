@@ -5,14 +5,13 @@
 ``cuda:{first + r}``, NVLink multicast off), gloo on the CPU. Every rank loads its shard
 (``qworker.model.parallel``) and builds a ``ModelRunner`` the same way, so the runners'
 start-up forwards run their collectives in step; the ranks then agree on the smallest KV
-pool. Rank 0 keeps the scheduler; its runner's model is swapped for ``_Leader``, which
-broadcasts each forward's input tensors (and the hidden rows whose logits are wanted) to
-the followers, which run the same forward and lm_head on their shards.
-
-Step messages go in two parts: a small int64 header over a gloo group on the CPU (an idle
-follower blocks in a socket read, not in a spinning GPU kernel), then the tensors over the
-device group. Fail-stop: if any rank dies the others exit (rank 0 with status 1), and the
-worker supervisor restarts the worker; leases hand its jobs to other workers meanwhile.
+pool. Rank 0 keeps the scheduler; its runner's model becomes a ``_Leader``, which
+broadcasts each forward's inputs (and the hidden rows whose logits it wants) to the
+followers, which run the same forward and lm_head on their shards. Each message is an
+int64 header over a CPU gloo group (an idle follower blocks in a socket read, not in a
+spinning GPU kernel), then tensors over the device group. Fail-stop: if any rank dies the
+others exit (rank 0 with status 1); the supervisor restarts the worker. See
+docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -72,16 +71,12 @@ class TensorParallelGroup:
             return
         self.stopping = True
         atexit.unregister(self.shutdown)
-        if self.ctrl is None:                   # start-up failed: no group to talk over
-            _reap(self.procs, 0.0)
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            return
-        try:
-            dist.broadcast(torch.zeros(_HEADER, dtype=torch.int64), 0, group=self.ctrl)
-        except Exception as e:  # noqa: BLE001 - a dead group: terminate below
-            log.warning("could not signal tensor-parallel followers: %s", e)
-        _reap(self.procs, timeout)
+        if self.ctrl is not None:               # else start-up failed: just terminate
+            try:
+                dist.broadcast(torch.zeros(_HEADER, dtype=torch.int64), 0, group=self.ctrl)
+            except Exception as e:  # noqa: BLE001 - a dead group: terminate below
+                log.warning("could not signal tensor-parallel followers: %s", e)
+        _reap(self.procs, timeout if self.ctrl is not None else 0.0)
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -168,8 +163,8 @@ def _follower_main(rank: int, size: int, port: int, backend: str, device: str,
         loaded, runner = _build(model_path, config, dev, dtype, tp, ctrl)
         _serve(loaded.model, runner.kv_caches, ctrl, dev, dtype)
     except Exception:
-        if os.getppid() != leader_pid:
-            os._exit(1)                 # rank 0 is gone (its peers see a closed socket)
+        if _leader_gone(leader_pid, wait_s=2.0):
+            os._exit(1)                 # rank 0 died first: its closed sockets broke us
         raise
     dist.destroy_process_group()
 
@@ -205,7 +200,8 @@ def _join(store, rank: int, size: int, backend: str, device: torch.device):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, store=store, rank=rank, world_size=size,
-                            timeout=_COLLECTIVE)
+                            timeout=_COLLECTIVE,
+                            device_id=device if device.type == "cuda" else None)
     ctrl = dist.new_group(backend="gloo", timeout=_IDLE)
     return TPContext(rank, size), ctrl
 
@@ -246,6 +242,16 @@ def _exit_with_leader(leader_pid: int) -> None:
     while os.getppid() == leader_pid:
         time.sleep(1.0)
     os._exit(1)
+
+
+def _leader_gone(leader_pid: int, wait_s: float) -> bool:
+    """Whether rank 0 has exited (we were re-parented), waiting up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while os.getppid() == leader_pid:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _reap(procs: list, timeout: float) -> None:

@@ -47,6 +47,8 @@ def redis_options(f):
 @_opt("--max-model-len", env="MAX_MODEL_LEN", type=click.IntRange(min=2), default=None)
 @_opt("--gpu-memory-utilization", env="GPU_MEMORY_UTILIZATION",
       type=click.FloatRange(0.05, 0.99), default=0.90)
+@_opt("--load-format", env="LOAD_FORMAT", type=click.Choice(["auto", "dummy"]), default="auto",
+      help="dummy: random weights of the checkpoint's shape (benchmarks).")
 @_opt("--log-format", env="LOG_FORMAT", type=click.Choice(["auto", "json", "console"]),
       default="auto")
 @_opt("--log-level", env="LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]),
@@ -54,7 +56,7 @@ def redis_options(f):
 def worker(redis_url, prefix, model, name, group, device, dtype, lease_ms, max_deliveries,
            drain_timeout, result_ttl, max_num_seqs, max_num_batched_tokens, block_size,
            num_kv_blocks, enable_prefix_caching, max_model_len, gpu_memory_utilization,
-           log_format, log_level):
+           load_format, log_format, log_level):
     """Serve jobs from the Redis stream until SIGTERM (then drain and hand back)."""
     from qworker.config import EngineConfig
     from qworker.logs import configure_logging
@@ -74,7 +76,8 @@ def worker(redis_url, prefix, model, name, group, device, dtype, lease_ms, max_d
                               block_size=int(block_size), num_kv_blocks=num_kv_blocks,
                               enable_prefix_caching=enable_prefix_caching,
                               max_model_len=max_model_len,
-                              gpu_memory_utilization=gpu_memory_utilization)
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              load_format=load_format)
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     if device == "cuda":

@@ -192,6 +192,9 @@ class Intake:
     def _tokenize(self, job: Job) -> list[int]:
         if job.prompt_token_ids is not None:
             ids = job.prompt_token_ids
+        elif self.tokenizer is None:
+            raise JobError("invalid_prompt", "this worker's model has no tokenizer: send "
+                           "prompt_token_ids instead of prompt or messages")
         else:
             # A prompt far longer than the context cannot fit: refuse before tokenizing.
             text = job.prompt if job.prompt is not None else "".join(

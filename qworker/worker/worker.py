@@ -55,10 +55,11 @@ class Worker:
         self.inbox: queue.Queue = queue.Queue()
         self.holdings, self.budget = Holdings(), Budget()
         self.active: dict[str, ActiveJob] = {}          # job id -> state
-        self.cancels: set[str] = set()                    # cancel seen before admission
+        self.cancels: dict[str, float] = {}               # cancel seen before admission
         self.ops: list[Op] = []                           # this iteration's writes
         self.stopping = threading.Event()
         self.drain_deadline: float | None = None
+        self.next_deadline: float = float("inf")          # earliest job deadline (ms)
         self.tokens_out, self._beat = 0, {}
 
         intake = Intake(settings.keys, settings.name, engine.tokenizer, engine.vocab_size,
@@ -99,10 +100,13 @@ class Worker:
         self.stopping.set()   # flags only: this may run inside a signal handler
 
     def _teardown(self) -> None:
-        flushed = self.publisher.close(timeout=max(5.0, self.s.lease_ms / 1000))
-        self.cancel_listener.done.set()
         self.feeder.done.set()
         self.feeder.join(5)
+        self.stopping.set()
+        self._drain_inbox(block=False)    # entries read at the last moment: handed back
+        self._flush()
+        flushed = self.publisher.close(timeout=max(5.0, self.s.lease_ms / 1000))
+        self.cancel_listener.done.set()
         log.info("worker stopped", name=self.s.name, flushed=flushed,
                  unflushed_batches=self.publisher.pending())
 
@@ -165,8 +169,13 @@ class Worker:
                                         adm.job.priority, adm.resumed_token_ids or None)
             except ValueError as e:
                 adm.outcome, adm.error = "error", JobError("invalid_prompt", str(e))
+            except Exception as e:  # the engine refused it in a way we did not foresee
+                log.exception("engine refused a job", job_id=adm.job_id)
+                adm.outcome, adm.error = "error", JobError("internal", f"{type(e).__name__}: {e}")
         if adm.outcome is None:
             self.active[adm.job_id] = job
+            if job.deadline_ms:
+                self.next_deadline = min(self.next_deadline, job.deadline_ms)
         elif adm.outcome == "error":
             self.ops.append(dead_letter(adm, adm.error, self.s.name))
             if adm.job_id is not None:
@@ -179,8 +188,8 @@ class Worker:
 
     def _cancel(self, job_id: str) -> None:
         job = self.active.get(job_id)
-        if job is None:
-            self.cancels.add(job_id)
+        if job is None:   # its admission may still be on the way (or it just finished)
+            self.cancels[job_id] = time.monotonic()
             return
         self.engine.abort(job_id)
         self.ops.append(job.end("cancelled"))
@@ -195,6 +204,10 @@ class Worker:
 
     def _expire(self) -> None:
         now = now_ms()
+        if now < self.next_deadline:
+            return
+        self.next_deadline = min((j.deadline_ms for j in self.active.values() if j.deadline_ms),
+                                 default=float("inf"))
         for job in [j for j in self.active.values() if j.deadline_ms and j.deadline_ms <= now]:
             self.engine.abort(job.id)
             self.ops.append(job.end("expired"))
@@ -213,7 +226,7 @@ class Worker:
 
     def _forget(self, job: ActiveJob, finish_reason: str | None) -> None:
         self.active.pop(job.id, None)
-        self.cancels.discard(job.id)
+        self.cancels.pop(job.id, None)
         log.info("job finished", job_id=job.id, finish_reason=finish_reason,
                  prompt_tokens=job.num_prompt_tokens, completion_tokens=len(job.token_ids),
                  resumed_tokens=len(job.adm.resumed_token_ids),
@@ -229,6 +242,9 @@ class Worker:
         self.budget.report(cap, consumed)
         if time.monotonic() - self._beat.get("_t", 0.0) >= 0.25:
             self._beat = self._stats()
+            stale = time.monotonic() - 60
+            for job_id in [j for j, t in self.cancels.items() if t < stale]:
+                del self.cancels[job_id]
 
     def _stats(self) -> dict:
         st = self.engine.stats() if hasattr(self.engine, "stats") else {}

@@ -1,0 +1,227 @@
+"""The CUDA runner on a GPU (skipped without CUDA; CI has none): run on the device with
+``pytest -q -s tests/test_runner_gpu.py``.
+
+A random-weight Llama-shaped model (load_format="dummy", bf16) serves every test:
+- a CUDA-graph replay computes bit for bit what the eager forward computes on the same
+  padded batch, and decode batches of every size run through their graph;
+- the KV pool is sized from gpu_memory_utilization after the profiling forward;
+- a step queues its work without waiting on the GPU;
+- a request's output does not depend on the rest of its batch (greedy and seeded), and
+  the row-wise building blocks (the projections' matmuls, the attention) give the same
+  bits for a row whatever the batch size. Mismatches are printed with where they start.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+
+import pytest
+import torch
+
+from qworker.config import EngineConfig
+from qworker.sampling_params import SamplingParams
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, vocab_size=8192,
+             max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=500000.0,
+             tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def dummy_dir(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(**SHAPE)
+    cfg.architectures = ["LlamaForCausalLM"]
+    path = tmp_path_factory.mktemp("dummy-llama")
+    cfg.save_pretrained(path)
+    return str(path)
+
+
+def make_engine(path: str, **kw):
+    from qworker.engine.engine import Engine
+
+    kw = {"load_format": "dummy", "max_num_seqs": 64, "num_kv_blocks": 2048,
+          "max_model_len": 2048, **kw}
+    return Engine(path, EngineConfig(**kw), device="cuda", dtype="bfloat16")
+
+
+def prompts(n: int, seed: int, lo: int = 5, hi: int = 300) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randint(10, SHAPE["vocab_size"] - 10) for _ in range(rng.randint(lo, hi))]
+            for _ in range(n)]
+
+
+def generate(engine, batch: list[list[int]], params: list[SamplingParams]) -> list[list[int]]:
+    ids = [f"r{i}-{random.random()}" for i in range(len(batch))]
+    for rid, p, sp in zip(ids, batch, params, strict=True):
+        engine.add_request(rid, p, sp)
+    out: dict[str, list[int]] = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.new_token_ids
+    return [out[rid] for rid in ids]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+@pytest.fixture(scope="module")
+def engine(dummy_dir):
+    e = make_engine(dummy_dir)
+    yield e
+    del e
+    torch.cuda.empty_cache()
+
+
+def run_to_decode(engine, batch: list[list[int]], max_tokens: int = 64) -> list[str]:
+    ids = [f"d{i}-{random.random()}" for i in range(len(batch))]
+    for rid, p in zip(ids, batch, strict=True):
+        engine.add_request(rid, p, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                  ignore_eos=True))
+    s = engine.scheduler
+    while s.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
+        engine.step()
+    return ids
+
+
+def test_graph_replay_is_bitwise_the_eager_forward_of_the_same_padded_batch(engine):
+    runner = engine.runner
+    assert runner.graphs is not None, "graphs were not captured"
+    ids = run_to_decode(engine, prompts(5, 1))
+    out = engine.scheduler.schedule()
+    assert len(out.scheduled) == 5 and all(s.num_new_tokens == 1 for s in out.scheduled)
+    g = runner.graphs
+    bucket = g.bucket_for(5, 1)
+    assert bucket == 8
+    logits = runner.execute(out)                                  # graph replay
+    with torch.inference_mode():
+        eager = runner.model(g.input_ids[:bucket], g.positions[:bucket], g._attn(bucket))
+        ref = runner.model.compute_logits(eager[:5])
+    assert torch.equal(logits, ref)
+    assert torch.isfinite(logits).all()
+    engine.scheduler.update_from_output(out, logits.argmax(-1).tolist())
+    for rid in ids:
+        engine.abort(rid)
+
+
+def test_every_decode_bucket_replays_its_graph_and_matches_eager_tokens(dummy_dir, engine):
+    eager = make_engine(dummy_dir, enforce_eager=True)
+    assert eager.runner.graphs is None
+    batch = prompts(40, 2)
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)] * len(batch)
+    a, b = generate(engine, batch, params), generate(eager, batch, params)
+    diverged = {i: first_divergence(x, y) for i, (x, y) in enumerate(zip(a, b, strict=True))
+                if x != y}
+    print(f"\ngraphs vs eager: {len(batch) - len(diverged)}/{len(batch)} identical; first "
+          f"divergence per differing request: {diverged}")
+    del eager
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert not diverged
+
+
+@pytest.mark.parametrize("mode", ["greedy", "seeded"])
+def test_a_requests_output_does_not_depend_on_its_batch(engine, mode):
+    target = prompts(1, 3, 200, 200)[0]
+    if mode == "greedy":
+        sp = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    else:
+        sp = SamplingParams(max_tokens=32, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    other = SamplingParams(max_tokens=48, temperature=0.8, seed=1, ignore_eos=True)
+    alone = generate(engine, [target], [sp])[0]
+    results = {}
+    for n_others in (3, 17, 50):
+        batch = prompts(n_others, 100 + n_others, 5, 600)
+        pos = n_others // 2
+        batch.insert(pos, target)
+        params = [other] * n_others
+        params.insert(pos, sp)
+        results[n_others] = generate(engine, batch, params)[pos]
+    bad = {n: first_divergence(alone, r) for n, r in results.items() if r != alone}
+    print(f"\n{mode}: alone vs with 3/17/50 others: first divergence {bad or 'none'}")
+    assert not bad
+
+
+def test_matmul_rows_do_not_depend_on_the_batch_size():
+    """The building block of batch invariance: row 0 of x[:M] @ W.T for every M."""
+    torch.manual_seed(0)
+    report, bad = [], []
+    for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256),
+                 (1024, 4096), (512, 1024)]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        x = torch.randn(256, k, device="cuda", dtype=torch.bfloat16)
+        ref = torch.nn.functional.linear(x[:1], w)
+        differ = [m for m in (2, 4, 8, 16, 24, 32, 48, 64, 128, 256)
+                  if not torch.equal(torch.nn.functional.linear(x[:m], w)[:1], ref)]
+        report.append(f"K={k} N={n}: row 0 differs from M=1 at M={differ or 'none'}")
+        bad += differ
+    print("\n" + "\n".join(report))
+    assert not bad
+
+
+def test_attention_rows_do_not_depend_on_the_batch():
+    import qworker_kernels as K
+
+    torch.manual_seed(0)
+    hq, hkv, d, bs, nblk = 32, 8, 128, 16, 4096
+    kc = torch.randn(nblk, bs, hkv, d, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    lens = [512] + [random.Random(i).randint(1, 1000) for i in range(255)]   # <= 64 blocks
+    bt = torch.arange(256 * 128, device="cuda", dtype=torch.int32).view(256, 128) % nblk
+    q = torch.randn(256, hq, d, device="cuda", dtype=torch.bfloat16)
+    sl = torch.tensor(lens, device="cuda", dtype=torch.int32)
+
+    def row0(b: int, width: int) -> torch.Tensor:
+        qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
+        return K.paged_attention(q[:b], kc, vc, qsl, sl[:b], bt[:b, :width].contiguous(),
+                                 d ** -0.5)[0]
+    ref = row0(1, 128)
+    differ = [(b, w) for b in (2, 8, 32, 64, 256) for w in (64, 128)
+              if not torch.equal(row0(b, w), ref)]
+    print(f"\nattention row 0 (512 tokens) differs from batch 1 at (batch, width): "
+          f"{differ or 'none'}")
+    assert not differ
+
+
+def test_kv_pool_is_sized_from_memory_after_profiling(dummy_dir):
+    e = make_engine(dummy_dir, num_kv_blocks=None, gpu_memory_utilization=0.3,
+                    enforce_eager=True)
+    mem = e.runner.memory
+    print(f"\nmemory: {mem}")
+    free, total = torch.cuda.mem_get_info()
+    used = torch.cuda.memory_allocated()
+    assert mem["activation_gib"] > 0
+    assert e.runner.num_kv_blocks * e.runner.bytes_per_block() <= 0.3 * total
+    assert used <= 0.3 * total + (1 << 30)
+    del e
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def test_a_decode_step_does_not_wait_for_the_gpu(engine):
+    """The runner's launch returns while the GPU is still busy (no hidden sync)."""
+    ids = run_to_decode(engine, prompts(32, 4))
+    out = engine.scheduler.schedule()
+    hog = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    for _ in range(50):                 # ~50 ms of queued GPU work ahead of the step
+        hog @ hog
+    logits = engine.runner.execute(out)
+    from qworker.engine.sampler import SamplingBatch
+    batch = SamplingBatch.from_requests(out.sampling_requests, engine.eos_token_ids,
+                                        engine.vocab_size, logits.device)
+    tokens = engine.sampler(logits, batch)
+    busy = not torch.cuda.current_stream().query()
+    engine.scheduler.update_from_output(out, tokens.tolist())
+    for rid in ids:
+        engine.abort(rid)
+    assert busy, "the step waited for the GPU before its sampled ids were fetched"
