@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "submit": "qworker.worker.cli_admin:submit",
     "status": "qworker.worker.cli_admin:status",
     "dead-letter": "qworker.worker.cli_admin:dead_letter",
+    "demo": "qworker.demo:demo",
+    "bench": "qworker.loadgen:bench",
 }
 
 

@@ -118,6 +118,13 @@ def summarize(reqs: Sequence[RequestTiming], duration: float,
     return res
 
 
+def bin_seconds(duration_s: float, bins: int = 20) -> float:
+    """Width of throughput-over-time bins: about ``bins`` over the run, rounded to two
+    significant digits (at least 1 ms)."""
+    width = max(duration_s / bins, 1e-3)
+    return float(f"{width:.2g}")
+
+
 def throughput_series(reqs: Sequence[RequestTiming], start: float,
                       bin_s: float = 1.0) -> list[tuple[float, float]]:
     """Output tokens per second in ``bin_s`` bins from ``start``: [(bin start s, tok/s)]."""

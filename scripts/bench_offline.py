@@ -100,11 +100,11 @@ def hf_model(path: str, dtype: torch.dtype, dev: str):
     cfg = AutoConfig.from_pretrained(path)
     cfg._attn_implementation = "sdpa"
     if any(p.endswith(".safetensors") for p in __import__("os").listdir(path)):
-        m = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, config=cfg).to(dev)
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, config=cfg).to(dev)
     else:
         torch.manual_seed(0)
         with torch.device(dev):
-            m = AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
+            m = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     m.eval()
     m.generation_config.pad_token_id = 0
     return m
@@ -277,10 +277,48 @@ class StepTimer:
         e = self.engine
         del e.scheduler.schedule, e.scheduler.update_from_output, e.runner.execute
         e.sampler = self._sampler
+        self.engine = self._sampler = None
         res = {k: round(v / self.steps * 1e3, 3) for k, v in self.totals.items()}
         res["gpu"] = round(sum(a.elapsed_time(b) for a, b in self._events) / self.steps, 3)
         res["host"] = round(res["wall"] - res.get("wait", 0.0), 3)
         return res
+
+
+class count_steps:  # noqa: N801 - used like a function
+    """Counts an engine's steps and its decode-only (graph-eligible) steps; no syncs."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.steps, self.decode_steps, self.tokens = engine, 0, 0, 0
+        self.seconds = {"decode": 0.0, "mixed": 0.0}    # wall time from one step to the next
+        self._last: tuple[float, str] | None = None
+        self.decode_rows = 0
+        sched = engine.scheduler
+
+        def schedule():
+            now = time.perf_counter()
+            if self._last is not None:
+                self.seconds[self._last[1]] += now - self._last[0]
+            out = type(sched).schedule(sched)
+            if out.scheduled:
+                self.steps += 1
+                n = out.num_batched_tokens
+                self.tokens += n
+                kind = "decode" if n == len(out.scheduled) else "mixed"
+                if kind == "decode":
+                    self.decode_steps += 1
+                    self.decode_rows += n
+                self._last = (now, kind)
+            return out
+        sched.schedule = schedule
+
+    def close(self) -> dict[str, float]:
+        del self.engine.scheduler.schedule
+        self.engine = None
+        return {"steps": self.steps, "decode_only": self.decode_steps,
+                "batched_tokens": self.tokens,
+                "decode_only_s": round(self.seconds["decode"], 2),
+                "mixed_s": round(self.seconds["mixed"], 2),
+                "mean_decode_batch": round(self.decode_rows / max(1, self.decode_steps), 1)}
 
 
 def decode_floor_bytes(engine, batch: int, context: int) -> tuple[int, int]:
@@ -310,8 +348,8 @@ def bench_decode(engine, batches: list[int], context: int, bw_tbps: float | None
         for rid in rids:
             engine.add_request(rid, [rng.randint(10, engine.vocab_size - 10)
                                      for _ in range(prompt_len)],
-                               SamplingParams(max_tokens=warm + steps + 4, temperature=0.0,
-                                              ignore_eos=True))
+                               SamplingParams(max_tokens=context, temperature=0.0,
+                                              ignore_eos=True))   # aborted when measured
         s = engine.scheduler
         while s.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
             engine.step()
@@ -326,17 +364,15 @@ def bench_decode(engine, batches: list[int], context: int, bw_tbps: float | None
             if graphs else None
         if bucket is not None and graphs._graphs:       # the captured forward alone
             g = graphs._graphs[bucket]
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            g.replay()
-            e0.record()
-            for _ in range(steps):
-                g.replay()
-            e1.record()
-            sync()
-            row["graph_replay"] = round(e0.elapsed_time(e1) / steps, 3)
+            row["graph_replay"] = round(cuda_ms(g.replay, steps), 3)
+            # what the buffers hold (the last step's batch) and one layer's attention on it
+            row.update(attention_on_graph_inputs(engine, b, bucket, steps))
+        assert len(engine.scheduler.running) == b, "the batch shrank while being timed"
+        mean_ctx = sum(r.num_tokens for r in engine.scheduler.running) / b
+        row["mean_context"] = round(mean_ctx, 1)
         for rid in rids:
             engine.abort(rid)
-        wbytes, kvbytes = decode_floor_bytes(engine, b, context)
+        wbytes, kvbytes = decode_floor_bytes(engine, b, round(mean_ctx))
         row["weights_gb"], row["kv_gb"] = round(wbytes / 1e9, 2), round(kvbytes / 1e9, 3)
         if bw_tbps:
             row["floor"] = round((wbytes + kvbytes) / (bw_tbps * 1e12) * 1e3, 3)
@@ -344,6 +380,42 @@ def bench_decode(engine, batches: list[int], context: int, bw_tbps: float | None
         print("decode", json.dumps(row), flush=True)
         rows.append(row)
     return rows
+
+
+def attention_on_graph_inputs(engine, b: int, bucket: int, reps: int) -> dict[str, float]:
+    """One layer's paged attention on what the decode graph's buffers hold (the last
+    step's batch): its time and the K/V bytes it must read per second."""
+    from qworker.model.ops_dispatch import paged_attention
+    g = engine.runner.graphs
+    attn = engine.runner.model.model.layers[0].self_attn
+    kc, vc = engine.runner.kv_caches[0]
+    q = torch.randn(bucket, attn.hq, attn.d, device="cuda", dtype=kc.dtype)
+    mean_len = g.seq_lens[:b].float().mean().item()
+
+    def call():
+        paged_attention(q, kc, vc, g.query_start_loc[:bucket + 1], g.seq_lens[:bucket],
+                        g.block_tables[:bucket], attn.scale)
+    call()
+    graph = torch.cuda.CUDAGraph()          # as in the decode graph: no launch overhead
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            call()
+    ms = cuda_ms(graph.replay, 3) / reps
+    kv = b * mean_len * 2 * attn.hkv * attn.d * kc.element_size()
+    return {"mean_seq_len": round(mean_len, 1), "attention_layer_ms": round(ms, 4),
+            "attention_TBps": round(kv / (ms * 1e9), 2)}
+
+
+def cuda_ms(fn, reps: int) -> float:
+    """Mean ms of ``fn`` over ``reps`` back-to-back calls, timed with CUDA events."""
+    fn()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(reps):
+        fn()
+    e1.record()
+    sync()
+    return e0.elapsed_time(e1) / reps
 
 
 def free_cuda() -> None:
@@ -394,10 +466,16 @@ def main() -> None:
         print(f"ceilings: copy {bw:.2f} TB/s, bf16 matmul {tf:.0f} TFLOP/s", flush=True)
     rows: list[tuple] = []
 
+    def save() -> None:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(res, f, indent=1)
+
     def record(wl: str, name: str, toks: int, dt: float, n_reqs: int) -> None:
         rows.append((wl, name, n_reqs, toks, dt, toks / dt))
         res.setdefault(wl, {})[f"{name}_tok_s"] = round(toks / dt, 1)
         res[wl][f"{name}_requests"] = n_reqs
+        save()
         print(f"{wl:7s} {name:8s} {n_reqs:4d} req {toks:8d} tok {dt:8.2f} s "
               f"{toks / dt:10.1f} tok/s", flush=True)
 
@@ -433,9 +511,16 @@ def main() -> None:
             print(f"{wl}: engine up in {res[wl]['engine_init_s']} s, {runner.num_kv_blocks} "
                   f"KV blocks, {runner.memory}", flush=True)
             if "ours" in modes:
-                run_ours(llm, [(reqs[0][0][:16], 4), (reqs[1][0][:600], 40)])   # warm-up
+                # Warm-up: the whole workload once, so that every Triton specialisation the
+                # run needs is compiled before timing; then forget its cached prefixes.
+                t0 = time.perf_counter()
+                run_ours(llm, reqs if dev == "cuda" else [(reqs[0][0][:16], 4)])
+                res[wl]["warmup_s"] = round(time.perf_counter() - t0, 1)
+                llm.engine.block_manager.reset_prefix_cache()
+                steps = count_steps(llm.engine)
                 expected = sum(n for _, n in reqs)
                 toks, dt = run_ours(llm, reqs)
+                res[wl]["steps"] = steps.close()
                 if toks != expected:
                     raise SystemExit(f"ours produced {toks} tokens, expected {expected}")
                 record(wl, "ours", toks, dt, len(reqs))
@@ -444,6 +529,7 @@ def main() -> None:
                 res[wl]["decode"] = bench_decode(
                     llm.engine, [int(b) for b in a.decode_batches.split(",")],
                     a.decode_context, res.get("copy_TBps"))
+                save()
             del llm, runner
             free_cuda()
 
@@ -465,17 +551,17 @@ def main() -> None:
         if "naive" in modes and in_time("naive"):
             sub = reqs[: a.naive_n or len(reqs)]
             record(wl, "naive", *run_naive(m, sub, dev), len(sub))
-        if "static" in modes and in_time("static"):
-            sub = reqs[: a.static_n or len(reqs)]
-            record(wl, "static", *run_static(m, sub, dev, a.bs), len(sub))
         if "hf_cb" in modes and in_time("hf_cb"):
             sub = reqs[: a.cb_n or len(reqs)]
             try:
                 toks, dt = run_hf_cb(m, sub)
                 record(wl, "hf_cb", toks, dt, len(sub))
             except Exception as e:  # record, don't hide
-                res[wl]["hf_cb_error"] = repr(e)[:300]
+                res.setdefault(wl, {})["hf_cb_error"] = repr(e)[:300]
                 print("hf_cb failed:", repr(e)[:300], file=sys.stderr)
+        if "static" in modes and in_time("static"):
+            sub = reqs[: a.static_n or len(reqs)]
+            record(wl, "static", *run_static(m, sub, dev, a.bs), len(sub))
         del m
         free_cuda()
 
@@ -499,10 +585,14 @@ def main() -> None:
                   f"{d['gpu']:.2f}, host {d['host']:.2f}, schedule {d.get('schedule', 0):.2f}"
                   f", execute {d.get('execute', 0):.2f}, sampling batch "
                   f"{d.get('sampling_batch', 0):.2f}, update {d.get('update', 0):.2f}); floor "
-                  f"{d.get('floor', float('nan')):.2f} ms ({d.get('step_vs_floor', 0):.0%})")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
+                  f"{d.get('floor', float('nan')):.2f} ms ({d.get('step_vs_floor', 0):.0%}); "
+                  f"one layer's attention {d.get('attention_layer_ms', float('nan')):.3f} ms "
+                  f"at {d.get('attention_TBps', float('nan'))} TB/s over mean context "
+                  f"{d.get('mean_seq_len')}")
+        if "steps" in r:
+            print(f"{wl} timed run: {r['steps']}, warm-up {r.get('warmup_s')} s, init "
+                  f"{r.get('engine_init_s')} s, preemptions {r.get('preemptions')}")
+    save()
 
 
 if __name__ == "__main__":

@@ -46,12 +46,12 @@ from bench_offline import (  # noqa: E402
     random_workload,
 )
 
+from qworker.latency import RequestTiming, summarize  # noqa: E402
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 2)
+
+def pct(dist: dict, q: str) -> float | None:
+    v = dist.get(q)
+    return None if v is None else round(v, 2)
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:
@@ -118,7 +118,10 @@ class Listener(threading.Thread):
 
     def run(self) -> None:
         while True:
-            m = self.ps.get_message(timeout=1.0)
+            try:
+                m = self.ps.get_message(timeout=1.0)
+            except redis.ConnectionError:    # the bench is over and Redis is gone
+                return
             if not m:
                 continue
             now = time.perf_counter()
@@ -177,21 +180,13 @@ def run_poisson(r, lis, prefix, reqs, rate, a) -> dict:
             time.sleep(rng.expovariate(rate))
         lis.wait(set(sent), None, a.timeout)
     dur = time.perf_counter() - t0
-    ttft, tpot, itl, good = [], [], [], 0
-    for jid, t_sub in sent.items():
-        evs = [e for e in lis.events[jid] if e[1] > 0]
-        first, last = evs[0][0], evs[-1][0]
-        ntok = sum(e[1] for e in evs)
-        ttft.append((first - t_sub) * 1000)
-        tp = (last - first) * 1000 / max(1, ntok - 1)
-        tpot.append(tp)
-        itl += [(b[0] - a_[0]) * 1000 for a_, b in zip(evs, evs[1:], strict=False)]
-        good += ttft[-1] <= a.slo_ttft_ms and tp <= a.slo_tpot_ms
+    reqs = [RequestTiming(t_sub, [(t, n) for t, n, _ in lis.events[jid] if n > 0])
+            for jid, t_sub in sent.items()]
+    s = summarize(reqs, dur, (50, 99), a.slo_ttft_ms, a.slo_tpot_ms)   # qworker.latency
     return {"rate": rate, "requests": len(sent), "duration_s": round(dur, 2),
-            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
-            "tpot_ms": {"p50": pct(tpot, 50), "p99": pct(tpot, 99)},
-            "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
-            "goodput_rps": round(good / dur, 3)}
+            **{k: {"p50": pct(s[k], "p50"), "p99": pct(s[k], "p99")}
+               for k in ("ttft_ms", "tpot_ms", "itl_ms")},
+            "goodput_rps": round(s["goodput_rps"], 3)}
 
 
 def main() -> None:
@@ -245,7 +240,9 @@ def main() -> None:
         r = redis.Redis.from_url(url)
         lis = Listener(r, prefix)
         lis.start()
-        run_redis(r, lis, prefix, [(reqs[0][0][:16], 4)], "warmup", 600)   # load + warm-up
+        run_redis(r, lis, prefix, [(reqs[0][0][:16], 4)], "warmup", 600)   # worker is up
+        engine(reqs)                    # warm-up with the workload itself: compilation,
+        run_redis(r, lis, prefix, reqs, "warmup-full", a.timeout)   # graphs, allocator
         for k in range(a.repeat):       # alternate, so load from elsewhere hits both sides
             toks_e, dt_e = engine(reqs)
             toks_r, dt_r = run_redis(r, lis, prefix, reqs, f"tput{k}", a.timeout)

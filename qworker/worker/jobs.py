@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 from qworker.worker.intake import Admission
-from qworker.worker.protocol import Event, JobError, Result, log_entry_id, pack
+from qworker.worker.protocol import Event, JobError, Result, log_entry_id
 from qworker.worker.publisher import Op
 
 
@@ -43,31 +43,33 @@ class ActiveJob:
 
     def step(self, token_ids: list[int], text: str, finished: bool,
              finish_reason: str | None) -> Op:
-        """The op publishing one step's delta (final when ``finished``)."""
+        """The op publishing one step's delta (final when ``finished``). Hot path: the
+        event stays a plain map here; the publisher thread encodes it."""
         if self.first_token is None and token_ids:
             self.first_token = time.monotonic()
         self.token_ids += token_ids
         self.text += text
         self.emitted_here += len(token_ids)
-        return self._op(Event(self.id, self.next_seq, token_ids, text, finished,
-                              finish_reason if finished else None))
+        return self._op({"id": self.id, "seq": self.next_seq, "token_ids": token_ids,
+                         "text": text, "finished": finished,
+                         "finish_reason": finish_reason if finished else None, "error": None})
 
     def end(self, finish_reason: str, error: JobError | None = None) -> Op:
         """The final op of a job ended without (more) tokens: cancelled, expired, error."""
         return self._op(Event(self.id, self.next_seq, [], "", True, finish_reason,
-                              error.to_map() if error else None))
+                              error.to_map() if error else None).to_map())
 
-    def _op(self, ev: Event) -> Op:
+    def _op(self, ev: dict) -> Op:
         self.next_seq += 1
-        result = b""
-        if ev.finished:
-            ev.usage = {"prompt_tokens": self.num_prompt_tokens,
-                        "completion_tokens": len(self.token_ids)}
-            ev.timings = self.timings()
-            result = pack(Result(self.id, self.token_ids, self.text, ev.finish_reason,
-                                 ev.error, ev.usage, ev.timings).to_map())
-        return Op("publish", self.adm.entry_id, self.id, log_entry_id(ev.seq),
-                  pack(ev.to_map()), ev.finished, result)
+        result = None
+        if ev["finished"]:
+            ev["usage"] = {"prompt_tokens": self.num_prompt_tokens,
+                           "completion_tokens": len(self.token_ids)}
+            ev["timings"] = self.timings()
+            result = Result(self.id, self.token_ids, self.text, ev["finish_reason"],
+                            ev["error"], ev["usage"], ev["timings"]).to_map()
+        return Op("publish", self.adm.entry_id, self.id, log_entry_id(ev["seq"]), ev,
+                  ev["finished"], result)
 
     def timings(self) -> dict[str, float]:
         """queue_ms (submission to start here), ttft_ms and total_ms (on this worker)."""

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgpack
 import redis
 import structlog
 
@@ -57,9 +58,9 @@ class Op:
     entry_id: str
     job_id: str | None = None
     log_id: str = ""
-    event: bytes = b""
+    event: dict | None = None         # encoded here, off the engine loop
     final: bool = False
-    result: bytes = b""
+    result: dict | None = None
     fields: tuple = ()
     raw: bytes = b""
 
@@ -85,6 +86,7 @@ class Publisher(threading.Thread):
         self.r: redis.Redis | None = None
         self.connected = threading.Event()
         self.sha: dict[str, str] = {}
+        self.packb = msgpack.Packer(use_bin_type=True).pack   # reused: cheaper than packb()
 
     def submit(self, ops: list[Op]) -> None:
         """Queue one step's ops (never blocks)."""
@@ -129,8 +131,9 @@ class Publisher(threading.Thread):
                                  ("handoff", HANDOFF), ("ack", ACK))}
                     self.connected.set()
                 pipe = self.r.pipeline(transaction=False)
-                for op in ops:
-                    self._add(pipe, op)
+                calls = self._calls(ops)
+                for call in calls:
+                    self._add(pipe, call)
                 replies = pipe.execute(raise_on_error=False)
             except REDIS_ERRORS as e:
                 self.connected.clear()
@@ -140,27 +143,43 @@ class Publisher(threading.Thread):
                 threading.Event().wait(backoff.next())
                 continue
             retry = []
-            for op, reply in zip(ops, replies, strict=True):
+            for call, reply in zip(calls, replies, strict=True):
                 if isinstance(reply, Exception):
                     if isinstance(reply, REDIS_ERRORS) or str(reply).startswith(RETRYABLE):
-                        retry.append(op)
+                        retry += call
                     else:
-                        log.error("publish op failed", op=op.kind, entry=op.entry_id,
-                                  job_id=op.job_id, error=str(reply))
+                        log.error("publish op failed", op=call[0].kind, entry=call[0].entry_id,
+                                  job_id=call[0].job_id, error=str(reply))
                     continue
-                self._done(op, reply.decode() if isinstance(reply, bytes) else reply)
+                statuses = reply if call[0].kind == "publish" else [reply]
+                for op, status in zip(call, statuses, strict=True):
+                    self._done(op, status.decode() if isinstance(status, bytes) else status)
             if retry:
                 if any(str(r).startswith("NOSCRIPT") for r in replies if isinstance(r, Exception)):
                     self.r = None  # Redis restarted without our scripts: reload them
                 threading.Event().wait(backoff.next())
             ops = retry
 
-    def _add(self, pipe: redis.client.Pipeline, op: Op) -> None:
-        k, base = self.keys, (self.keys.group, self.consumer, op.entry_id)
+    @staticmethod
+    def _calls(ops: list[Op]) -> list[list[Op]]:
+        """Consecutive publish ops become one script call; others go one by one (in order)."""
+        calls: list[list[Op]] = []
+        for op in ops:
+            if op.kind == "publish" and calls and calls[-1][0].kind == "publish":
+                calls[-1].append(op)
+            else:
+                calls.append([op])
+        return calls
+
+    def _add(self, pipe: redis.client.Pipeline, call: list[Op]) -> None:
+        k, op = self.keys, call[0]
+        base = (k.group, self.consumer, op.entry_id)
         if op.kind == "publish":
-            pipe.evalsha(self.sha["publish"], 4, k.jobs, k.out(op.job_id), k.log(op.job_id),
-                         k.result(op.job_id), *base, op.log_id, op.event, self.ttl_s,
-                         int(op.final), op.result)
+            packb = self.packb
+            batch = [(o.entry_id, o.job_id, o.log_id, packb(o.event), int(o.final),
+                      packb(o.result) if o.final else b"") for o in call]
+            pipe.evalsha(self.sha["publish"], 0, k.prefix, k.group, self.consumer, self.ttl_s,
+                         msgpack.packb(batch, use_bin_type=False))   # Lua's cmsgpack: no bin
         elif op.kind == "dead":
             pipe.evalsha(self.sha["dead"], 2, k.jobs, k.dead, *base,
                          int(op.job_id is None), self.dead_maxlen, *op.fields)

@@ -14,30 +14,47 @@ local function owned(stream, group, id, consumer)
 end
 """
 
-# KEYS: jobs, out channel, log, result
-# ARGV: group, consumer, entry id, log entry id, event, ttl s, final (0/1), result
-# Returns 'ok', 'lost' (fenced) or 'dup' (another delivery already wrote this seq: the
-# job id is served elsewhere; our entry is acked).
+# One step's events for many jobs in one call (the publisher's hot path).
+# ARGV: prefix, group, consumer, ttl s, msgpack array (non-bin encoding) of
+#       [entry id, job id, log entry id, event bytes, final 0/1, result bytes] per job.
+# Key names follow keys.py: {prefix}:jobs, :out:{id}, :log:{id}, :result:{id}.
+# Returns per job 'ok', 'lost' (fenced: the entry is not ours) or 'dup' (another delivery
+# already wrote a different event at this seq: the job id is served elsewhere; our entry
+# is acked). Re-sending an identical event is a no-op, so a cut-off batch can be resent.
 PUBLISH = OWNED + """
-if not owned(KEYS[1], ARGV[1], ARGV[3], ARGV[2]) then return 'lost' end
-local added = redis.pcall('XADD', KEYS[3], ARGV[4], 'event', ARGV[5])
-if type(added) == 'table' and added.err then
-  local cur = redis.call('XRANGE', KEYS[3], ARGV[4], ARGV[4])
-  if #cur == 0 or cur[1][2][2] ~= ARGV[5] then
-    redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-    redis.call('XDEL', KEYS[1], ARGV[3])
-    return 'dup'
+local prefix, group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local jobs = prefix .. ':jobs'
+local out = {}
+for i, it in ipairs(cmsgpack.unpack(ARGV[5])) do
+  local entry, id, logid, ev = it[1], it[2], it[3], it[4]
+  local log = prefix .. ':log:' .. id
+  local status = 'ok'
+  if not owned(jobs, group, entry, consumer) then
+    status = 'lost'
+  else
+    local added = redis.pcall('XADD', log, logid, 'event', ev)
+    if type(added) == 'table' and added.err then
+      local cur = redis.call('XRANGE', log, logid, logid)
+      if #cur == 0 or cur[1][2][2] ~= ev then
+        redis.call('XACK', jobs, group, entry)
+        redis.call('XDEL', jobs, entry)
+        status = 'dup'
+      end
+    else
+      redis.call('PUBLISH', prefix .. ':out:' .. id, ev)
+    end
+    if status == 'ok' then
+      redis.call('EXPIRE', log, ttl)
+      if it[5] == 1 then
+        redis.call('SET', prefix .. ':result:' .. id, it[6], 'NX', 'EX', ttl)
+        redis.call('XACK', jobs, group, entry)
+        redis.call('XDEL', jobs, entry)
+      end
+    end
   end
-else
-  redis.call('PUBLISH', KEYS[2], ARGV[5])
+  out[i] = status
 end
-redis.call('EXPIRE', KEYS[3], ARGV[6])
-if ARGV[7] == '1' then
-  redis.call('SET', KEYS[4], ARGV[8], 'NX', 'EX', ARGV[6])
-  redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-  redis.call('XDEL', KEYS[1], ARGV[3])
-end
-return 'ok'
+return out
 """
 
 # KEYS: jobs, dead.  ARGV: group, consumer, entry id, ack (0/1), maxlen, field, value, ...

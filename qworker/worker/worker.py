@@ -14,9 +14,10 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -37,7 +38,7 @@ class WorkerSettings:
     """Knobs of one worker (the CLI maps ``--lease-ms`` etc. onto these)."""
 
     redis: RedisSettings
-    name: str = f"{socket.gethostname()}-{os.getpid()}"
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     keys: Keys = Keys()
     lease_ms: int = 30_000
     max_deliveries: int = 3
@@ -78,6 +79,9 @@ class Worker:
         if install_signals:
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
             signal.signal(signal.SIGINT, lambda *_: self.stop())
+            # The engine loop gets the GIL back soon after a GPU sync even while a Redis
+            # thread is busy (the default 5 ms switch interval would stall each step).
+            sys.setswitchinterval(0.0005)
         log.info("worker starting", name=self.s.name, model=self.model_name,
                  lease_ms=self.s.lease_ms, max_deliveries=self.s.max_deliveries)
         self._report_capacity(0)
