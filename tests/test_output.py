@@ -202,6 +202,49 @@ def test_resumed_request_emits_only_the_new_text(tok, split):
     assert joined(full[:split]) + joined(resumed) == "go 😀 STONE "
 
 
+@pytest.mark.parametrize("split", [1, 2, 3, 4, 5, 6])
+def test_resume_given_the_emitted_text_continues_exactly_where_the_run_left(tok, split):
+    ids = ids_of(tok, "go", " 😀", " ST", "ONE", " ST", "OP", " tail")
+    full = run(tok, ids, finish=False, stop=["STOP"])
+    proc = OutputProcessor(tok)
+    proc.add_request("r", [7, 8], SamplingParams(stop=["STOP"]), output_token_ids=ids[:split],
+                     emitted_text=joined(full[:split]))
+    assert [proc.process("r", [i], False) for i in ids[split:]] == full[split:]
+
+
+# An earlier run (another version, or one whose deltas were cut differently) emitted more or
+# less than this processor would have after the same tokens: the replay log's text decides.
+def resume(tok, ids, split, emitted, stop=("STOP",)):
+    proc = OutputProcessor(tok)
+    proc.add_request("r", [7], SamplingParams(stop=list(stop)), output_token_ids=ids[:split],
+                     emitted_text=emitted)
+    return [proc.process("r", [i], False) for i in ids[split:]] + [proc.process("r", [], True)]
+
+
+def test_text_the_earlier_run_held_back_is_emitted_after_resume_not_lost(tok):
+    ids = ids_of(tok, "A", " ST", "ONE", " wall")
+    assert joined(run(tok, ids, stop=["STOP"])) == "A STONE wall"
+    # the run held " ST" (this one would have sent " " and held "ST")
+    assert "A" + joined(resume(tok, ids, 2, emitted="A")) == "A STONE wall"
+
+
+def test_text_the_earlier_run_already_sent_is_not_sent_twice(tok):
+    ids = ids_of(tok, "A", " ST", "ONE", " wall")
+    # the run held nothing back (this one would have held "ST")
+    assert "A ST" + joined(resume(tok, ids, 2, emitted="A ST")) == "A STONE wall"
+
+
+def test_text_held_back_before_the_crash_can_still_become_the_stop_string(tok):
+    ids = ids_of(tok, "A", " ST", "OP", " x")
+    outs = resume(tok, ids, 2, emitted="A")
+    assert outs[0] == (" ", True) and "A" + joined(outs) == "A "
+
+
+def test_an_emitted_text_that_does_not_match_the_decode_holds_nothing(tok):
+    ids = ids_of(tok, "A", " ST", "ONE")
+    assert joined(resume(tok, ids, 2, emitted="something else")) == "ONE"
+
+
 def test_resumed_request_emits_nothing_when_added(tok):
     ids = ids_of(tok, "already", " sent")
     proc = OutputProcessor(tok)

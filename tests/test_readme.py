@@ -7,6 +7,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import click
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -28,6 +30,12 @@ def test_readme_configuration_table_lists_every_worker_option_as_the_cli_declare
     for p in worker.params:
         if getattr(p, "envvar", None):
             assert f"`{p.opts[0]}`" in README and f"`{p.envvar}`" in README
+
+
+def test_every_worker_option_says_what_it_does():
+    from qworker.worker.cli_worker import worker
+
+    assert [p.opts[0] for p in worker.params if isinstance(p, click.Option) and not p.help] == []
 
 
 def quick_start() -> str:

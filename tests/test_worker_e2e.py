@@ -340,3 +340,42 @@ def test_heartbeat_says_what_the_worker_holds(client, server):
     assert 0 < r.ttl("qworker:worker:w-e2e") <= 10
     client.cancel(jid)
     client.result(jid, timeout=10)
+
+
+def test_a_cancel_published_without_its_marker_cancels_nothing(client, server):
+    jid = client.submit(prompt="not yours to cancel", max_tokens=60, ignore_eos=True)
+    r = server.client()
+    wait_for(lambda: r.xlen(client.keys.log(jid)) >= 2, 20, what="the job to start")
+    r.publish(client.keys.cancel, jid)                 # a stray publish: no cancelled:{id}
+    res = client.result(jid, timeout=30)
+    assert res.finish_reason == "length" and len(res.token_ids) == 60
+
+
+def test_resume_continues_from_the_text_the_log_holds(client, server, offline):
+    """The replay log of an earlier run that sent all its text (it did not hold back the
+    tail that this run's stop string could still start): the resumed job sends the rest,
+    nothing twice."""
+    from qworker.engine.output import OutputProcessor
+    from qworker.worker.protocol import Event, log_entry_id
+
+    prompt, k, n = "Resume after a crash", 10, 24
+    plain = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    ids = offline.generate(prompt, plain)[0].token_ids
+    proc = OutputProcessor(offline.engine.tokenizer)
+    proc.add_request("x", [1], plain)
+    sent = proc.process("x", ids[:k], False)[0]         # what the first run streamed
+    assert len(sent) >= 3
+    stop = [sent[-3:] + "\x00"]                          # its tail could start a stop string
+    want = offline.generate(prompt, SamplingParams(max_tokens=n, temperature=0.0,
+                                                   ignore_eos=True, stop=stop))[0]
+    assert want.token_ids == ids and want.finish_reason == "length"
+    jid = "resume-emitted"
+    r = server.client()
+    r.xadd(client.keys.log(jid), {"event": pack(Event(jid, 0, ids[:k], sent).to_map())},
+           id=log_entry_id(0))
+    client.submit(prompt=prompt, job_id=jid, max_tokens=n, temperature=0.0, ignore_eos=True,
+                  stop=stop)
+    res = client.result(jid, timeout=30)
+    events = list(client.stream(jid, timeout=5))
+    assert (res.token_ids, res.text) == (ids, want.text)
+    assert "".join(e.text for e in events) == want.text and events[0].seq == 0

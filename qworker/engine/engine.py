@@ -84,9 +84,13 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    priority: int = 0, output_token_ids: list[int] | None = None) -> None:
+                    priority: int = 0, output_token_ids: list[int] | None = None,
+                    emitted_text: str | None = None) -> None:
         """Queue a request. ``output_token_ids`` resumes a job whose earlier tokens were
         already emitted elsewhere: they count as output and are not emitted again.
+        ``emitted_text``: the text the earlier run emitted for them (its deltas joined);
+        text it held back for a possible stop string is then emitted later, not lost, and
+        nothing it did emit comes twice (see ``OutputProcessor.add_request``).
         Raises ValueError for an unusable request (the engine is unchanged)."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already running")
@@ -110,7 +114,7 @@ class Engine:
         self._avg_prompt_len = 0.9 * self._avg_prompt_len + 0.1 * req.num_tokens
         self._requests[request_id] = req
         if self.outputs is not None:
-            self.outputs.add_request(request_id, prompt, params, resumed)
+            self.outputs.add_request(request_id, prompt, params, resumed, emitted_text)
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> bool:

@@ -10,7 +10,9 @@ Stop strings are never leaked: the longest tail of the text that could still gro
 stop string is held back, and released when it turns out not to be one or when the
 request finishes for another reason. Tokens are detokenized one at a time, so what has
 been emitted after a list of tokens does not depend on how the tokens were batched; a
-resumed request replays its already-emitted tokens to rebuild exactly that state.
+resumed request replays its already-emitted tokens to rebuild exactly that state, and,
+given the text the earlier run actually emitted, holds back exactly what that run had not
+sent yet (so a run that held back more or less than this one loses and repeats nothing).
 """
 
 from __future__ import annotations
@@ -45,19 +47,26 @@ class OutputProcessor:
         self._requests: dict[str, _RequestText] = {}
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
-                    params: SamplingParams, output_token_ids: Sequence[int] = ()) -> None:
+                    params: SamplingParams, output_token_ids: Sequence[int] = (),
+                    emitted_text: str | None = None) -> None:
         """Start tracking a request.
 
         The text is the decode of the output ids alone (the prompt is not part of it).
         ``output_token_ids`` are tokens already emitted by an earlier run of a resumed job:
         they prime the state (including text held back for stop strings) and are never
-        emitted again.
+        emitted again. ``emitted_text`` is the text that run emitted for them (its deltas
+        joined, e.g. from the replay log): whatever of their decoded text lies beyond it is
+        held, to be emitted (or cut at a stop string) like text held back here. When the
+        decode does not start with it (another tokenizer version), nothing is held.
         """
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already being processed")
         state = _RequestText(params)
         if output_token_ids:
-            self._advance(state, list(output_token_ids), finished=False)
+            replayed, stopped = self._advance(state, list(output_token_ids), finished=False)
+            if emitted_text is not None and not stopped:
+                text = replayed + state.held          # all their text decoded so far
+                state.held = text[len(emitted_text):] if text.startswith(emitted_text) else ""
         self._requests[request_id] = state
 
     def process(self, request_id: str, new_token_ids: Sequence[int],

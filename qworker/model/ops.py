@@ -107,30 +107,84 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q: [T, Hq, D]; caches: [num_blocks, block_size, Hkv, D]; query_start_loc: [B+1];
     seq_lens: [B] (context length including this step's tokens); block_tables: [B, M].
     Request b's q_len queries are its last q_len tokens; each attends to its own position
-    and everything before it. Computed per request in float32 (torch's fused SDPA), so a
-    request's result does not depend on the rest of the batch. Returns [T, Hq, D] in q's
-    dtype. Reads the lengths on the host: the CPU path, and the kernels' oracle.
+    and everything before it. Returns [T, Hq, D] in q's dtype. Computed in float32 with
+    torch's fused SDPA: decodes together (keys past a request's length masked out and
+    zeroed), prefill chunks one by one. Reads the lengths on the host: the CPU path and
+    the kernels' oracle, not for CUDA graphs.
     """
-    _, bs, hkv, d = k_cache.shape
-    hq = q.shape[1]
+    plan = _plan(query_start_loc, seq_lens, block_tables, k_cache.shape[1])
     out = torch.empty_like(q)
-    qsl = query_start_loc.tolist()
-    for b, seq_len in enumerate(seq_lens.tolist()):
-        start, end = qsl[b], qsl[b + 1]
-        q_len = end - start
-        if q_len == 0:
-            continue
-        nblk = (seq_len + bs - 1) // bs
-        blocks = block_tables[b, :nblk].long()
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().transpose(0, 1)    # [Hkv, S, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().transpose(0, 1)
-        qb = q[start:end].float().transpose(0, 1)                               # [Hq, q_len, D]
-        mask = None
-        if q_len > 1:   # query i sits at seq_len - q_len + i and sees keys 0..itself
-            q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= q_pos  # [q_len, S]
-        o = torch.nn.functional.scaled_dot_product_attention(
-            qb.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale,
-            enable_gqa=hq != hkv)                                              # [1, Hq, q_len, D]
-        out[start:end] = o[0].transpose(0, 1).to(q.dtype)
+    if plan.decode_rows is not None:
+        rows = plan.decode_rows
+        out[rows] = _attend(q[rows].unsqueeze(1), k_cache, v_cache, plan.decode_blocks,
+                            plan.decode_len, plan.decode_mask, scale)[:, 0]
+    for start, end, blocks, seq_len, mask in plan.chunks:
+        out[start:end] = _attend(q[start:end].unsqueeze(0), k_cache, v_cache, blocks,
+                                 seq_len, mask, scale)[0]
     return out
+
+
+class _Plan:
+    """What every layer of one step shares: which rows decode, their blocks and masks."""
+
+    __slots__ = ("key", "decode_rows", "decode_blocks", "decode_len", "decode_mask", "chunks")
+
+
+_last_plan: _Plan | None = None
+
+
+def _plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+          block_size: int) -> _Plan:
+    """Built once per step and reused by every layer. The plan keeps its input tensors
+    alive, so their ids cannot be reused by a later step's tensors while it is cached."""
+    global _last_plan
+    key = (query_start_loc, seq_lens, block_tables, query_start_loc._version,
+           seq_lens._version, block_tables._version)
+    last = _last_plan
+    if last is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
+                                for a, b in zip(last.key, key, strict=True)):
+        return last
+    qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
+    dev = block_tables.device
+    plan = _Plan()
+    plan.key = key
+    decodes = [b for b in range(len(lens)) if qsl[b + 1] - qsl[b] == 1]
+    plan.decode_rows = plan.decode_blocks = plan.decode_mask = None
+    plan.decode_len = 0
+    if decodes:
+        d_lens = [lens[b] for b in decodes]
+        s = max(d_lens)
+        plan.decode_rows = torch.tensor([qsl[b] for b in decodes], device=dev)
+        plan.decode_blocks = block_tables[decodes, :-(-s // block_size)].long()  # [N, nblk]
+        valid = torch.arange(s, device=dev)[None, :] < torch.tensor(d_lens, device=dev)[:, None]
+        plan.decode_mask = valid[:, None, :, None]                                # [N,1,S,1]
+        plan.decode_len = s
+    plan.chunks = []
+    for b, s in enumerate(lens):
+        start, end = qsl[b], qsl[b + 1]
+        if end - start > 1:   # query i sits at s - L + i and sees keys 0..itself
+            q_pos = torch.arange(s - (end - start), s, device=dev)
+            mask = torch.arange(s, device=dev)[None, :] <= q_pos[:, None]        # [L, S]
+            blocks = block_tables[b:b + 1, :-(-s // block_size)].long()
+            plan.chunks.append((start, end, blocks, s, mask))
+    _last_plan = plan
+    return plan
+
+
+def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            blocks: torch.Tensor, s: int, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [N, L, Hq, D], the last L tokens of N sequences (L == 1, or N == 1) whose keys are
+    the first ``s`` slots of ``blocks`` [N, nblk]. ``mask``: [N, 1, S, 1] valid keys of
+    decodes, or [L, S] causal for one chunk. Returns [N, L, Hq, D]."""
+    hkv, hq = k_cache.shape[2], q.shape[2]
+    k = k_cache[blocks].flatten(1, 2)[:, :s].float().transpose(1, 2)     # [N, Hkv, S, D]
+    v = v_cache[blocks].flatten(1, 2)[:, :s].float().transpose(1, 2)
+    if mask.dim() == 4:
+        # Padding slots may hold anything (stale or never written): zero them so a
+        # masked-out key contributes exactly nothing, whatever its bits.
+        k, v = k.where(mask, 0.0), v.where(mask, 0.0)
+        mask = mask.transpose(2, 3)                                      # [N, 1, 1, S]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(1, 2), k, v, attn_mask=mask, scale=scale,
+        enable_gqa=hq != hkv)                                           # [N, Hq, L, D]
+    return o.transpose(1, 2).to(q.dtype)

@@ -11,6 +11,8 @@ import redis.asyncio
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from qworker.logs import redact_url
+
 SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -65,4 +67,30 @@ class Backoff:
 
 
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, ConnectionError)
-"""Errors that mean "Redis is unreachable right now": retry with backoff."""
+"""Errors that mean "Redis is unreachable right now": retry with backoff. (A refused
+password is a ``redis.ConnectionError`` too: test ``access_error`` first.)"""
+
+
+class RedisAccessError(RuntimeError):
+    """Redis refused the credentials or a command (ACL): retrying cannot help."""
+
+
+_DENIED = ("NOPERM", "no permissions", "can't run this command")
+
+
+def access_error(e: BaseException, url: str | None = None) -> RedisAccessError | None:
+    """A ``RedisAccessError`` with a clear message when ``e`` means a wrong user or password
+    (``AuthenticationError``: WRONGPASS, NOAUTH) or a missing ACL permission (``NOPERM``,
+    also from inside a script); None for anything else (transient errors are retried)."""
+    where = f" at {redact_url(url)}" if url else ""
+    if isinstance(e, redis.AuthenticationError) or (
+            isinstance(e, redis.ResponseError) and str(e).startswith(("WRONGPASS", "NOAUTH"))):
+        return RedisAccessError(
+            f"Redis{where} refused the credentials ({e}): check the user and password in "
+            "--redis-url / QWORKER_REDIS_URL; see docs/security.md")
+    if isinstance(e, redis.exceptions.NoPermissionError) or (
+            isinstance(e, redis.ResponseError) and any(d in str(e) for d in _DENIED)):
+        return RedisAccessError(
+            f"the Redis user{where} lacks a permission the worker needs ({e}): give it the "
+            "worker role's rules (python -m qworker.acl --role worker); see docs/security.md")
+    return None

@@ -3,9 +3,11 @@
 ``Feeder``: every tick renews the leases of held entries, writes the heartbeat, re-checks
 cancel markers, reclaims stale entries; in between it pulls new entries, never more than
 the engine's capacity allows (``Budget``), blocking on the stream only briefly.
-``CancelListener``: follows the cancel channel. Both reconnect with backoff and put
-what they learn on the engine loop's inbox as ``(kind, payload)`` tuples:
-("admit", Admission), ("lost", entry_id), ("cancel", job_id).
+``CancelListener``: follows the cancel channel, and acts only on ids whose cancel
+marker exists (the channel is shared: a stray publish must not cancel anyone's job). Both
+reconnect with backoff and put what they learn on the engine loop's inbox as ``(kind,
+payload)`` tuples: ("admit", Admission), ("lost", entry_id), ("cancel", job_id). A refused
+password or a missing ACL permission is not retried: ``on_fatal(RedisAccessError)``.
 """
 
 from __future__ import annotations
@@ -14,10 +16,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+import redis
 import structlog
 
-from qworker.worker.connection import REDIS_ERRORS, Backoff, RedisSettings
+from qworker.worker.connection import (
+    REDIS_ERRORS,
+    Backoff,
+    RedisAccessError,
+    RedisSettings,
+    access_error,
+)
 from qworker.worker.intake import Intake
 from qworker.worker.keys import Keys
 from qworker.worker.protocol import pack
@@ -61,11 +71,12 @@ class Feeder(threading.Thread):
 
     def __init__(self, settings: RedisSettings, intake: Intake, holdings: Holdings,
                  inbox: queue.Queue, budget: Budget, lease_ms: int,
-                 heartbeat: Callable[[], dict]):
+                 heartbeat: Callable[[], dict], metrics: Any = None,
+                 on_fatal: Callable[[RedisAccessError], None] | None = None):
         super().__init__(name="qworker-feeder", daemon=True)
         self.settings, self.intake, self.holdings = settings, intake, holdings
         self.inbox, self.budget, self.lease_ms = inbox, budget, lease_ms
-        self.heartbeat = heartbeat
+        self.heartbeat, self.metrics, self.on_fatal = heartbeat, metrics, on_fatal
         self.tick = min(lease_ms / 3000, 1.0)   # renew well inside the lease
         self.block_ms = max(10, int(self.tick * 500))
         self.intake_open = threading.Event()
@@ -91,14 +102,21 @@ class Feeder(threading.Thread):
                 else:
                     self._pull()
                 backoff.reset()
-            except REDIS_ERRORS as e:
-                connected = False
-                delay = backoff.next()
-                log.warning("redis unreachable; retrying", error=str(e), retry_in_s=round(delay, 2))
-                self.done.wait(delay)
-            except Exception:  # never let a bug kill intake silently
-                log.exception("feeder error")
-                self.done.wait(backoff.next())
+            except Exception as e:  # never let a bug kill intake silently
+                fatal = access_error(e, self.settings.url)
+                if fatal is not None:
+                    if self.on_fatal is not None:
+                        self.on_fatal(fatal)
+                    break
+                if isinstance(e, REDIS_ERRORS):
+                    connected = False
+                    delay = backoff.next()
+                    log.warning("redis unreachable; retrying", error=str(e),
+                                retry_in_s=round(delay, 2))
+                    self.done.wait(delay)
+                else:
+                    log.exception("feeder error")
+                    self.done.wait(backoff.next())
         self._say_goodbye()
 
     def _maintain(self) -> None:
@@ -121,12 +139,18 @@ class Feeder(threading.Thread):
         pipe = self.intake.r.pipeline(transaction=False)
         pipe.hset(key, mapping=beat)
         pipe.expire(key, max(5, int(self.tick * 5) + 1))
-        pipe.execute()
+        pipe.xlen(self.keys.jobs)
+        pipe.xpending(self.keys.jobs, self.keys.group)
+        *_, length, pending = pipe.execute()
+        if self.metrics is not None:
+            self.metrics.set_queue(length, pending["pending"])
         if self.intake_open.is_set() and self.budget.want() > 0:
             claimed = self.intake.reclaim(self.budget.want(), self.lease_ms, set(held))
             # Our own entries come back if a renewal was late (e.g. Redis was away): they
             # are still running here, so they are not admitted twice.
             claimed = [c for c in claimed if c[0] not in held]
+            if claimed and self.metrics is not None:
+                self.metrics.reclaimed(len(claimed))
             if claimed:
                 log.info("reclaimed stale entries", entries=[c[0] for c in claimed],
                          deliveries=[c[2] for c in claimed])
@@ -150,31 +174,56 @@ class Feeder(threading.Thread):
         try:
             if self.intake.r is not None:
                 self.intake.r.delete(self.keys.worker(self.intake.consumer))
-        except REDIS_ERRORS:
+        except redis.RedisError:
             pass
 
 
 class CancelListener(threading.Thread):
-    """Follows the cancel channel; a cancel for a job we hold goes to the inbox."""
+    """Follows the cancel channel; a cancel for a job we hold goes to the inbox, but only
+    once its ``cancelled:{id}`` marker is seen (producers SET it before they PUBLISH)."""
 
     def __init__(self, settings: RedisSettings, keys: Keys, holdings: Holdings,
-                 inbox: queue.Queue):
+                 inbox: queue.Queue,
+                 on_fatal: Callable[[RedisAccessError], None] | None = None):
         super().__init__(name="qworker-cancel", daemon=True)
         self.settings, self.keys, self.holdings, self.inbox = settings, keys, holdings, inbox
+        self.on_fatal = on_fatal
         self.done = threading.Event()
 
     def run(self) -> None:
         backoff = Backoff()
         while not self.done.is_set():
+            r = self.settings.connect()
+            ps = r.pubsub(ignore_subscribe_messages=True)
             try:
-                ps = self.settings.connect().pubsub(ignore_subscribe_messages=True)
                 ps.subscribe(self.keys.cancel)
                 backoff.reset()
                 while not self.done.is_set():
                     msg = ps.get_message(timeout=0.2)
                     if msg and msg["type"] == "message":
                         job_id = msg["data"].decode(errors="replace")
-                        if job_id in self.holdings.snapshot().values():
+                        if job_id not in self.holdings.snapshot().values():
+                            continue
+                        if r.exists(self.keys.cancelled(job_id)):
                             self.inbox.put(("cancel", job_id))
-            except REDIS_ERRORS:
+                        else:
+                            log.warning("cancel without its marker ignored", job_id=job_id)
+            except Exception as e:
+                fatal = access_error(e, self.settings.url)
+                if fatal is not None:
+                    if self.on_fatal is not None:
+                        self.on_fatal(fatal)
+                    return
+                if not isinstance(e, REDIS_ERRORS):
+                    log.exception("cancel listener error")
                 self.done.wait(backoff.next())
+            finally:
+                _close(ps, r)
+
+
+def _close(*clients: Any) -> None:
+    for c in clients:
+        try:
+            c.close()
+        except Exception:  # noqa: BLE001 (a broken connection may fail to close)
+            pass

@@ -4,7 +4,9 @@ The engine loop hands over a batch of ops per step and never waits for Redis. Op
 order, each a fenced Lua script (see ``scripts.py``): PUBLISH + XADD to the replay log,
 and on a final event SET NX the result, XACK + XDEL. While Redis is unreachable, batches
 queue up and are flushed in order once it is back (the scripts are idempotent, so a
-batch cut off half-way is simply sent again).
+batch cut off half-way is simply sent again). A refused password or a missing ACL
+permission is not retried: the batch is dropped (its entries stay pending in Redis and are
+reclaimed after their lease) and ``on_fatal`` stops the worker.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ import msgpack
 import redis
 import structlog
 
-from qworker.worker.connection import REDIS_ERRORS, Backoff, RedisSettings
+from qworker.worker.connection import (
+    REDIS_ERRORS,
+    Backoff,
+    RedisAccessError,
+    RedisSettings,
+    access_error,
+)
 from qworker.worker.keys import Keys
 from qworker.worker.scripts import ACK, DEAD_LETTER, HANDOFF, PUBLISH
 
@@ -77,10 +85,11 @@ class Publisher(threading.Thread):
 
     def __init__(self, settings: RedisSettings, keys: Keys, consumer: str, holdings: Holdings,
                  on_lost: Callable[[str], None], ttl_s: int, dead_maxlen: int = 100_000,
-                 max_batch: int = 512):
+                 max_batch: int = 512,
+                 on_fatal: Callable[[RedisAccessError], None] | None = None):
         super().__init__(name="qworker-publisher", daemon=True)
         self.settings, self.keys, self.consumer = settings, keys, consumer
-        self.holdings, self.on_lost = holdings, on_lost
+        self.holdings, self.on_lost, self.on_fatal = holdings, on_lost, on_fatal
         self.ttl_s, self.dead_maxlen, self.max_batch = ttl_s, dead_maxlen, max_batch
         self.q: queue.Queue[list[Op] | None] = queue.Queue()
         self.r: redis.Redis | None = None
@@ -135,7 +144,9 @@ class Publisher(threading.Thread):
                 for call in calls:
                     self._add(pipe, call)
                 replies = pipe.execute(raise_on_error=False)
-            except REDIS_ERRORS as e:
+            except (*REDIS_ERRORS, redis.RedisError) as e:   # incl. a refused SCRIPT LOAD
+                if self._fatal(e):
+                    return
                 self.connected.clear()
                 self.r = None
                 log.warning("redis unreachable; publishing later", error=str(e),
@@ -145,6 +156,8 @@ class Publisher(threading.Thread):
             retry = []
             for call, reply in zip(calls, replies, strict=True):
                 if isinstance(reply, Exception):
+                    if self._fatal(reply):
+                        return
                     if isinstance(reply, REDIS_ERRORS) or str(reply).startswith(RETRYABLE):
                         retry += call
                     else:
@@ -159,6 +172,17 @@ class Publisher(threading.Thread):
                     self.r = None  # Redis restarted without our scripts: reload them
                 threading.Event().wait(backoff.next())
             ops = retry
+
+    def _fatal(self, e: BaseException) -> bool:
+        """True (and ``on_fatal`` told) when ``e`` means Redis refuses us for good."""
+        fatal = access_error(e, self.settings.url)
+        if fatal is None:
+            return False
+        self.r = None
+        log.error("redis refused access; dropping queued ops", error=str(fatal))
+        if self.on_fatal is not None:
+            self.on_fatal(fatal)
+        return True
 
     @staticmethod
     def _calls(ops: list[Op]) -> list[list[Op]]:
