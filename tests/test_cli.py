@@ -46,11 +46,21 @@ def test_every_worker_option_has_a_qworker_env_var():
     ({"QWORKER_DEVICE": "tpu"}, "device"),
     ({"QWORKER_MAX_DELIVERIES": "0"}, "max-deliveries"),
     ({"QWORKER_REDIS_URL": "http://localhost"}, "Redis URL"),
+    ({"QWORKER_TENSOR_PARALLEL_SIZE": "0"}, "tensor-parallel-size"),
+    ({"QWORKER_METRICS_PORT": "70000"}, "metrics-port"),
+    ({"QWORKER_GPUS": "0,7", "QWORKER_SUPERVISOR_GPUS": "0,1"}, "--gpus"),
+    ({"QWORKER_GPUS": "0,1,2", "QWORKER_SUPERVISOR_GPUS": "0,1,2",
+      "QWORKER_TENSOR_PARALLEL_SIZE": "2"}, "groups of tensor_parallel_size 2"),
 ])
 def test_bad_worker_settings_from_env_are_clear_errors(env, needle):
     res = run("worker", "--model", "/nonexistent", env=env)
     assert res.exit_code == 2 and needle in res.output
     assert "Traceback" not in res.output
+
+
+def test_a_password_in_a_bad_redis_url_is_not_echoed():
+    res = run("worker", "--redis-url", "http://u:TOPSECRET@h/0", "--model", "/nonexistent")
+    assert res.exit_code == 2 and "TOPSECRET" not in res.output and "u:***@h" in res.output
 
 
 def test_an_unloadable_model_is_a_clear_error(tmp_path):

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 
+import msgpack
 import pytest
 import redis
 import structlog
@@ -210,12 +211,15 @@ def test_worker_runs_every_protocol_script(worker, admin):
     base = ("workers", "w1", entry)
     run = lambda src, keys, *args: worker.register_script(src)(keys=keys, args=list(base) + list(args))  # noqa: E731
     assert run(RENEW, [JOBS]) == []
-    ok = run(PUBLISH, [JOBS, "qworker:out:j1", "qworker:log:j1", "qworker:result:j1"],
-             "0-1", b"event0", 60, 0, b"")
-    assert ok == b"ok" and admin.xlen("qworker:log:j1") == 1
+
+    def publish(log_id, event, final, result):   # as the publisher sends it: one batch
+        batch = msgpack.packb([(entry, "j1", log_id, event, final, result)], use_bin_type=False)
+        return worker.register_script(PUBLISH)(args=["qworker", "workers", "w1", 60, batch])
+
+    assert publish("0-1", b"event0", 0, b"") == [b"ok"]
+    assert admin.xlen("qworker:log:j1") == 1
     assert run(DEAD_LETTER, [JOBS, DEAD], 0, 1000, "reason", "invalid_job") == 1
-    assert run(PUBLISH, [JOBS, "qworker:out:j1", "qworker:log:j1", "qworker:result:j1"],
-               "0-2", b"event1", 60, 1, b"result") == b"ok"
+    assert publish("0-2", b"event1", 1, b"result") == [b"ok"]
     assert admin.get("qworker:result:j1") == b"result" and admin.xlen(JOBS) == 0
     entry = pending_entry_again(admin, worker)
     assert worker.register_script(HANDOFF)(keys=[JOBS], args=["workers", "w1", entry, b"j",
@@ -313,6 +317,86 @@ def load_compose_producer():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ---- refused credentials or permissions stop a worker at once -----------------------------
+def worker_cli(url: str):
+    """``qworker worker`` with a model that does not exist: an error about Redis means the
+    worker stopped before it tried to load the model."""
+    from click.testing import CliRunner
+
+    from qworker.cli import main
+
+    return CliRunner().invoke(main, ["worker", "--redis-url", url, "--device", "cpu",
+                                     "--model", "/nonexistent/model"], catch_exceptions=False)
+
+
+def test_a_wrong_password_stops_the_worker_at_once_with_a_pointer_to_the_docs(server):
+    t0 = time.monotonic()
+    res = worker_cli(server.url("worker", password="Wr0ng-Passw0rd"))
+    assert res.exit_code == 2, res.output
+    assert "refused the credentials" in res.output and "docs/security.md" in res.output
+    assert "Wr0ng-Passw0rd" not in res.output and "qworker-worker:***@" in res.output
+    assert "cannot load model" not in res.output and time.monotonic() - t0 < 10
+
+
+def test_a_user_without_the_worker_rules_stops_the_worker_at_once(server, admin):
+    admin.execute_command("ACL", "SETUSER", "half-worker", "reset", "on", ">half-pw",
+                          "+ping", "+hello", "+xpending", "~qworker:*")
+    res = worker_cli(f"redis://half-worker:half-pw@127.0.0.1:{server.port}/0")
+    assert res.exit_code == 2, res.output
+    assert "lacks a permission" in res.output and "xgroup|create" in res.output
+    assert "python -m qworker.acl --role worker" in res.output and "docs/security.md" in res.output
+
+
+def test_an_unreachable_redis_is_retried_not_fatal():
+    res = worker_cli(f"redis://127.0.0.1:{free_port()}/0")
+    assert res.exit_code == 1 and "cannot load model" in res.output   # it went on past Redis
+
+
+class IdleEngine:
+    """Just enough of the Engine API for a worker that never gets a job."""
+
+    tokenizer, vocab_size, max_model_len = None, 100, 64
+
+    def has_unfinished(self) -> bool:
+        return False
+
+    def capacity(self) -> int:
+        return 4
+
+
+@pytest.mark.parametrize("broken", ["password", "cancel channel"])
+def test_a_running_worker_that_redis_refuses_stops_instead_of_retrying(server, admin, broken):
+    from qworker.worker.connection import RedisAccessError
+    from qworker.worker.worker import Worker, WorkerSettings
+
+    if broken == "password":
+        url = server.url("worker", password="not-the-password")
+    else:   # the worker role minus SUBSCRIBE on the cancel channel: only one thread notices
+        rules = [x for x in setuser_args("worker", "w-pw", user="no-cancel")
+                 if x != "(+subscribe &qworker:cancel)"]
+        admin.execute_command("ACL", "SETUSER", *rules)
+        url = f"redis://no-cancel:w-pw@127.0.0.1:{server.port}/0"
+    w = Worker(IdleEngine(), WorkerSettings(RedisSettings.from_url(url), name="refused",
+                                            lease_ms=3000))
+    raised: list[BaseException] = []
+    t = threading.Thread(target=lambda: _run_catching(w, raised), daemon=True)
+    t0 = time.monotonic()
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the worker kept retrying"
+    assert time.monotonic() - t0 < 10
+    (err,) = raised
+    assert isinstance(err, RedisAccessError) and "docs/security.md" in str(err)
+    assert ("subscribe" in str(err)) is (broken == "cancel channel")
+
+
+def _run_catching(w, raised: list) -> None:
+    try:
+        w.run(install_signals=False)
+    except Exception as e:  # noqa: BLE001
+        raised.append(e)
 
 
 # ---- TLS ---------------------------------------------------------------------------------

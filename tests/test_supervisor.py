@@ -143,3 +143,68 @@ def test_a_usage_error_stops_every_child_instead_of_restarting(tmp_path):
     finally:
         sup.kill()
     assert len(starts(tmp_path, "t-gpu0")) == 1
+
+
+# ---- qworker worker --gpus: the real worker under the supervisor, on the CPU -------------
+def two_free_ports() -> int:
+    """A port p with p and p+1 free (worker i of --gpus serves metrics on p+i)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", p + 1))
+                except OSError:
+                    continue
+            return p
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_worker_gpus_runs_a_consumer_per_gpu_on_one_redis_and_sigterm_drains_both(
+        tmp_path, tiny_checkpoint):
+    from redis_support import ROOT, RedisServer, wait_ready
+    from test_worker_metrics import scrape
+
+    from qworker.worker.client import Client
+
+    srv, port = RedisServer(), two_free_ports()
+    log = open(tmp_path / "sup.log", "wb")
+    sup = subprocess.Popen(
+        [sys.executable, "-m", "qworker.cli", "worker", "--gpus", "0,1", "--name", "sup",
+         "--model", str(tiny_checkpoint("llama")), "--redis-url", srv.url, "--device", "cpu",
+         "--max-num-seqs", "1", "--num-kv-blocks", "128", "--lease-ms", "1500",
+         "--log-format", "json", "--metrics-port", str(port), "--metrics-host", "127.0.0.1"],
+        env={**os.environ, GPUS_ENV: "0,1", "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+        stdout=log, stderr=subprocess.STDOUT)
+    c, r = Client(srv.url), srv.client()
+    try:
+        wait_ready(r, ["sup-gpu0", "sup-gpu1"], timeout=120)
+        short = [c.submit(prompt=f"gpu {i}", max_tokens=20, ignore_eos=True, temperature=0.0)
+                 for i in range(6)]
+        assert {c.result(j, timeout=60).finish_reason for j in short} == {"length"}
+        served = [scrape(port + i)["qworker_jobs_finished_total{reason=length}"] for i in (0, 1)]
+        assert sum(served) == 6 and min(served) >= 1, f"jobs per worker: {served}"
+        # one long job each (--max-num-seqs 1): SIGTERM while both run; both finish
+        long = [c.submit(prompt=f"long {i}", max_tokens=300, ignore_eos=True, temperature=0.0)
+                for i in range(2)]
+        wait_for(lambda: all(r.xlen(c.keys.log(j)) >= 2 for j in long), 60)
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(timeout=90) == 0
+        for j in long:
+            res = c.get_result(j)
+            assert res is not None and res.finish_reason == "length" and len(res.token_ids) == 300
+        assert not r.exists("qworker:worker:sup-gpu0") and not r.exists("qworker:worker:sup-gpu1")
+        assert r.xlen(c.keys.jobs) == 0
+        out = (tmp_path / "sup.log").read_text()
+        stopped = [line for line in out.splitlines() if '"worker stopped"' in line]
+        assert sorted('"sup-gpu0"' in s for s in stopped) == [False, True]
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait(10)
+        log.close()
+        c.close()
+        srv.close()

@@ -8,6 +8,7 @@ import time
 
 import click
 
+from qworker.logs import redact_url
 from qworker.worker.cli_worker import redis_options
 from qworker.worker.connection import REDIS_ERRORS
 
@@ -21,7 +22,8 @@ def _client(redis_url: str, prefix: str):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--redis-url") from None
     except REDIS_ERRORS as e:
-        raise click.ClickException(f"cannot reach Redis at {redis_url}: {e}") from None
+        raise click.ClickException(f"cannot reach Redis at {redact_url(redis_url)}: {e}") \
+            from None
     return c
 
 

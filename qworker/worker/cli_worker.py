@@ -107,6 +107,11 @@ def worker(redis_url, prefix, model, name, group, gpus, tensor_parallel_size, de
         raise click.BadParameter(str(e)) from None
     if gpus is not None:
         _supervise(gpus, name, tensor_parallel_size, drain_timeout, metrics_port)
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise click.BadParameter("--device cuda, but no CUDA device is visible",
+                                     param_hint="--device")
     try:   # before the model loads: a wrong password or ACL must not wait for it
         unreachable = check_redis_access(settings)
     except RedisAccessError as e:
@@ -121,12 +126,8 @@ def worker(redis_url, prefix, model, name, group, gpus, tensor_parallel_size, de
         except OSError as e:
             raise click.ClickException(f"cannot serve metrics on {metrics_host}:{metrics_port}: "
                                        f"{e}") from None
-        log.info("serving metrics", url=f"http://{metrics_host}:{port}/metrics")
-    if device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise click.BadParameter("--device cuda, but no CUDA device is visible",
-                                     param_hint="--device")
+        log.info("serving metrics", worker=settings.name,
+                 url=f"http://{metrics_host}:{port}/metrics")
     from qworker.engine.engine import Engine
     try:
         engine = Engine(model, config, device=device, dtype=dtype)

@@ -34,7 +34,8 @@ class RedisSettings:
         """Validate a ``redis://``, ``rediss://`` or ``unix://`` URL."""
         scheme = urlparse(url).scheme
         if scheme not in SCHEMES:
-            raise ValueError(f"Redis URL must start with redis://, rediss:// or unix://, got {url!r}")
+            raise ValueError("Redis URL must start with redis://, rediss:// or unix://, got "
+                             f"{redact_url(url)!r}")
         return cls(url=url, **kw)
 
     def _kwargs(self) -> dict:
