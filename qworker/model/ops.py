@@ -135,19 +135,18 @@ _last_plan: _Plan | None = None
 
 def _plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
           block_size: int) -> _Plan:
-    """Built once per step and reused by every layer. The plan keeps its input tensors
-    alive, so their ids cannot be reused by a later step's tensors while it is cached."""
+    """Built once per step and reused by every layer: the cache is keyed on copies of the
+    inputs' values (a runner may refill the same tensors in place between steps)."""
     global _last_plan
-    key = (query_start_loc, seq_lens, block_tables, query_start_loc._version,
-           seq_lens._version, block_tables._version)
+    inputs = (query_start_loc, seq_lens, block_tables)
     last = _last_plan
-    if last is not None and all(a is b if isinstance(a, torch.Tensor) else a == b
-                                for a, b in zip(last.key, key, strict=True)):
+    if last is not None and all(a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+                                for a, b in zip(last.key, inputs, strict=True)):
         return last
     qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
     dev = block_tables.device
     plan = _Plan()
-    plan.key = key
+    plan.key = tuple(t.clone() for t in inputs)
     decodes = [b for b in range(len(lens)) if qsl[b + 1] - qsl[b] == 1]
     plan.decode_rows = plan.decode_blocks = plan.decode_mask = None
     plan.decode_len = 0

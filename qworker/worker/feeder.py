@@ -38,12 +38,15 @@ log = structlog.get_logger("qworker.feeder")
 
 class Budget:
     """How many more entries the worker may pull: the engine's last reported capacity
-    minus the admissions handed over since then. Thread-safe."""
+    minus the admissions handed over since then, and never past ``limit`` entries held
+    at once (``held()``: read and not yet acked, finished jobs awaiting their ack
+    included), so a backlog stays in Redis. Thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, held: Callable[[], int] = lambda: 0, limit: int = 1 << 30) -> None:
         self._cond = threading.Condition()
         self._capacity = 0
         self._queued = 0
+        self._held, self.limit = held, limit
 
     def report(self, capacity: int, consumed: int) -> None:
         """From the engine loop: current capacity, and how many admissions it took."""
@@ -58,7 +61,7 @@ class Budget:
             self._queued += n
 
     def want(self) -> int:
-        return max(0, self._capacity - self._queued)
+        return max(0, min(self._capacity - self._queued, self.limit - self._held()))
 
     def wait(self, timeout: float) -> None:
         with self._cond:

@@ -97,7 +97,9 @@ class Worker:
         self.metrics = metrics or WorkerMetrics(worker=settings.name, model=model_name)
         self.fatal: RedisAccessError | None = None
         self.inbox: queue.Queue = queue.Queue()
-        self.holdings, self.budget = Holdings(), Budget()
+        self.holdings = Holdings()
+        limit = getattr(getattr(engine, "config", None), "max_num_seqs", 1 << 30)
+        self.budget = Budget(held=lambda: len(self.holdings), limit=limit)
         self.active: dict[str, ActiveJob] = {}          # job id -> state
         self.cancels: dict[str, float] = {}               # cancel seen before admission
         self.ops: list[Op] = []                           # this iteration's writes
