@@ -425,6 +425,36 @@ def free_cuda() -> None:
         torch.cuda.empty_cache()
 
 
+def make_llm(a, wl: str, path: str, dev: str, dtype: torch.dtype):
+    from qworker import LLM
+    kw = {"load_format": "dummy"} if wl != "W_cpu" else {}
+    if a.max_num_batched_tokens:
+        kw["max_num_batched_tokens"] = a.max_num_batched_tokens
+    return LLM(path, device=dev, dtype=str(dtype).removeprefix("torch."),
+               max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
+               enforce_eager=a.enforce_eager, **kw)
+
+
+def bench_pairs(a, wl: str, path: str, reqs, dev: str, dtype: torch.dtype) -> dict:
+    """ours and transformers' continuous batching, alternated ``a.pairs`` times in one
+    process (the order flips every pair), so that a machine whose speed drifts (a shared
+    VM) hits both sides alike; the figure is the median of the per-pair ratios."""
+    llm, m = make_llm(a, wl, path, dev, dtype), hf_model(path, dtype, dev)
+    warm = [(reqs[0][0][:16], 4)]
+    run_ours(llm, warm)
+    run_hf_cb(m, warm)
+    pairs = []
+    for i in range(a.pairs):
+        sides = {}
+        for side in (("ours", "hf_cb") if i % 2 == 0 else ("hf_cb", "ours")):
+            toks, dt = run_ours(llm, reqs) if side == "ours" else run_hf_cb(m, reqs)
+            sides[side] = round(toks / dt, 1)
+        pairs.append({**sides, "ratio": round(sides["ours"] / sides["hf_cb"], 3)})
+        print(f"{wl} pair {i}: {pairs[-1]}", flush=True)
+    ratios = sorted(p["ratio"] for p in pairs)
+    return {"pairs": pairs, "median_ratio": ratios[len(ratios) // 2]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workload", default="W_cpu",
@@ -444,6 +474,9 @@ def main() -> None:
     ap.add_argument("--decode-workload", default="W_8b", help="whose engine times decode")
     ap.add_argument("--deadline", type=float, default=None,
                     help="seconds from start after which transformers' modes are skipped")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="also alternate ours and hf_cb this many times in one process and "
+                         "report the median ratio (for machines whose speed drifts)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     t_start = time.perf_counter()
@@ -494,16 +527,10 @@ def main() -> None:
         return path, reqs[: a.n] if a.n else reqs
 
     if "ours" in modes or "decode" in modes:
-        from qworker import LLM
         for wl in workloads:
             path, reqs = workload(wl)
-            kw = {"load_format": "dummy"} if wl != "W_cpu" else {}
-            if a.max_num_batched_tokens:
-                kw["max_num_batched_tokens"] = a.max_num_batched_tokens
             t0 = time.perf_counter()
-            llm = LLM(path, device=dev, dtype=str(dtype).removeprefix("torch."),
-                      max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-                      enforce_eager=a.enforce_eager, **kw)
+            llm = make_llm(a, wl, path, dev, dtype)
             runner = llm.engine.runner
             res.setdefault(wl, {})["engine_init_s"] = round(time.perf_counter() - t0, 1)
             res[wl]["kv_blocks"] = runner.num_kv_blocks
@@ -565,6 +592,12 @@ def main() -> None:
         del m
         free_cuda()
 
+    for wl in workloads if a.pairs else []:
+        path, reqs = workload(wl)
+        res.setdefault(wl, {})["alternating"] = bench_pairs(a, wl, path, reqs, dev, dtype)
+        save()
+        free_cuda()
+
     print(f"\non {res['device']} (torch {res['torch']}, transformers {res['transformers']}"
           f"{', triton ' + res['triton'] if 'triton' in res else ''})")
     if "copy_TBps" in res:
@@ -589,6 +622,9 @@ def main() -> None:
                   f"one layer's attention {d.get('attention_layer_ms', float('nan')):.3f} ms "
                   f"at {d.get('attention_TBps', float('nan'))} TB/s over mean context "
                   f"{d.get('mean_seq_len')}")
+        if "alternating" in r:
+            print(f"{wl} ours / hf_cb, median of {a.pairs} alternating pairs: "
+                  f"{r['alternating']['median_ratio']:.2f}x")
         if "steps" in r:
             print(f"{wl} timed run: {r['steps']}, warm-up {r.get('warmup_s')} s, init "
                   f"{r.get('engine_init_s')} s, preemptions {r.get('preemptions')}")
