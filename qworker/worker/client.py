@@ -76,10 +76,7 @@ class Client:
                 finally:
                     ps.close()
             except REDIS_ERRORS:
-                if end is not None and time.monotonic() >= end:
-                    raise TimeoutError(f"job {job_id}: Redis unreachable until the timeout") \
-                        from None
-                time.sleep(backoff.next())
+                _outage_pause(job_id, end, backoff)
 
     def stream(self, job_id: str, timeout: float | None = None) -> Iterator[Event]:
         """Every event of ``job_id`` in seq order, from the replay log then live; ends
@@ -108,10 +105,7 @@ class Client:
                 finally:
                     ps.close()
             except REDIS_ERRORS:
-                if end is not None and time.monotonic() >= end:
-                    raise TimeoutError(f"job {job_id}: Redis unreachable until the timeout") \
-                        from None
-                time.sleep(backoff.next())
+                _outage_pause(job_id, end, backoff)
 
     def _backfill(self, job_id: str, cur: StreamCursor) -> Iterator[Event]:
         for _, fields in self.r.xrange(self.keys.log(job_id), min=cur.log_start):
@@ -138,3 +132,10 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _outage_pause(job_id: str, end: float | None, backoff: Backoff) -> None:
+    """Redis is unreachable: wait the next backoff delay, or give up at the deadline."""
+    if end is not None and time.monotonic() >= end:
+        raise TimeoutError(f"job {job_id}: Redis unreachable until the timeout") from None
+    time.sleep(backoff.next())
