@@ -112,3 +112,14 @@ def tiny_checkpoint(tmp_path_factory, smollm2_dir):
         return built[arch]
 
     return make
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A throwaway redis-server on a free port, one per test module (a module that needs
+    other settings defines its own ``server``)."""
+    from redis_support import RedisServer
+
+    srv = RedisServer()
+    yield srv
+    srv.close()

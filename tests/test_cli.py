@@ -8,20 +8,13 @@ import re
 
 import pytest
 from click.testing import CliRunner
-from redis_support import InProcessWorker, RedisServer
+from redis_support import InProcessWorker
 
 from qworker.cli import main
 from qworker.worker.keys import Keys
 from qworker.worker.protocol import pack
 
 KEYS = Keys()
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = RedisServer()
-    yield srv
-    srv.close()
 
 
 def run(*args, env=None):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from redis_support import InProcessWorker, RedisServer
+from redis_support import InProcessWorker
 
 from qworker.cli import main
 from qworker.config import EngineConfig
@@ -22,13 +22,6 @@ from qworker.latency import (
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = RedisServer()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ def offline(tiny):
 
 @pytest.fixture
 def server():
+    """A fresh redis-server per test (conftest's is per module): these tests fault it."""
     srv = RedisServer()
     yield srv
     srv.close()

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from redis_support import InProcessWorker, RedisServer, wait_for
+from redis_support import InProcessWorker, wait_for
 from test_protocol import HOSTILE
 
 from qworker.config import EngineConfig
@@ -32,13 +32,6 @@ def engine(tiny):
 
     return Engine(tiny, EngineConfig(max_num_seqs=16, num_kv_blocks=512), device="cpu",
                   dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = RedisServer()
-    yield srv
-    srv.close()
 
 
 @pytest.fixture(scope="module")

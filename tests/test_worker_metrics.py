@@ -10,19 +10,11 @@ import urllib.error
 import urllib.request
 from collections import Counter
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from redis_support import RedisServer, WorkerProc, free_port, wait_for, wait_ready
+from redis_support import WorkerProc, free_port, wait_for, wait_ready
 
 from qworker.worker.client import Client
 from qworker.worker.protocol import pack
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = RedisServer()
-    yield srv
-    srv.close()
 
 
 def http_get(url: str) -> tuple[int, str]:
