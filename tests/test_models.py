@@ -224,3 +224,47 @@ def test_sharded_checkpoint_loads_like_a_single_file(tiny_checkpoint, tmp_path):
     assert single.keys() == sharded.keys()
     for name, t in single.items():
         assert torch.equal(t, sharded[name]), name
+
+
+def test_cpu_float32_linears_are_packed_and_agree_with_plain_ones(tiny_checkpoint):
+    """The CPU float32 path runs every linear on a weight packed once at load time; its
+    logits are the plain F.linear ones up to float32 summation order."""
+    loaded = load_model(tiny_checkpoint("qwen2"), "cpu", torch.float32)   # qkv bias too
+    model = loaded.model
+    layer = model.model.layers[0]
+    linears = [layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+               layer.mlp.down_proj, model.lm_head]
+    assert all(lin.packed is not None for lin in linears)
+    packed = [row for _, _, row in prefill_then_decode(loaded)[1]]
+    for lin in (m for m in model.modules() if getattr(m, "packed", None) is not None):
+        lin.packed = None
+    plain = [row for _, _, row in prefill_then_decode(loaded)[1]]
+    assert len(packed) == len(plain) == 39
+    torch.testing.assert_close(torch.stack(packed), torch.stack(plain), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_attention_never_reads_what_other_requests_left_in_the_pool():
+    """Decodes of different lengths share one fused attention call: keys past a request's
+    length are masked, and the pool's other slots (stale K/V of finished requests, never
+    written blocks) may hold anything, NaN included, without touching the result."""
+    from qworker.model import ops
+    g = torch.Generator().manual_seed(4)
+    nb, bs, hq, hkv, d = 12, 16, 6, 2, 32
+    lens = [37, 5, 16, 17]
+    tables = torch.tensor([[3, 7, 9], [4, 0, 0], [8, 0, 0], [1, 2, 0]], dtype=torch.int32)
+    clean = torch.randn(2, nb, bs, hkv, d, generator=g)
+    dirty = clean.clone()
+    used = torch.zeros(nb * bs, dtype=torch.bool)
+    for b, n in enumerate(lens):                          # poison every unused slot
+        for p in range(n):
+            used[int(tables[b, p // bs]) * bs + p % bs] = True
+    dirty.view(2, nb * bs, hkv, d)[:, ~used] = float("nan")
+    q = torch.randn(len(lens), hq, d, generator=g)
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = ops.paged_attention(q, dirty[0], dirty[1], qsl, seq_lens, tables, d ** -0.5)
+    assert not out.isnan().any()
+    for b in range(len(lens)):                            # each alone, on the clean pool
+        alone = ops.paged_attention(q[b:b + 1], clean[0], clean[1], qsl[:2], seq_lens[b:b + 1],
+                                    tables[b:b + 1], d ** -0.5)
+        torch.testing.assert_close(out[b:b + 1], alone, atol=1e-6, rtol=1e-6)

@@ -204,6 +204,17 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)                                        # [N, H] -> [N, V]
 
+    def prepack_linears(self) -> int:
+        """Pack every linear weight once for the CPU float32 GEMM (``cpu_gemm``): call
+        after loading. A no-op off the CPU, for other dtypes and with tensor parallelism.
+        Returns how many weights were packed."""
+        if self.tp.size != 1:
+            return 0
+        linears = [lin for layer in self.model.layers
+                   for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                               layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        return sum(lin.prepack(lin.weight) for lin in (*linears, self.lm_head))
+
     # -- weights --------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

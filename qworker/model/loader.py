@@ -56,6 +56,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     else:
         model.load_weights(_iter_weights(files))
     model.eval()
+    model.prepack_linears()     # CPU float32 only: decode-sized GEMMs ~1.4-2x faster
     tokenizer = None            # token ids in, token ids out: no text
     # transformers 5 builds an empty tokenizer for a directory without tokenizer files;
     # detokenizing with it wastes ~50 us per token, so a dummy checkpoint must have files.

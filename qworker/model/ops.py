@@ -93,10 +93,12 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     A slot of -1 is skipped (padding tokens).
     """
     nb, bs, hkv, d = k_cache.shape
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    k_cache.view(nb * bs, hkv, d)[slots] = key[keep].to(k_cache.dtype)
-    v_cache.view(nb * bs, hkv, d)[slots] = value[keep].to(v_cache.dtype)
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:     # padding rows: drop them
+        keep = slot_mapping >= 0
+        slot_mapping, key, value = slot_mapping[keep], key[keep], value[keep]
+    slots = slot_mapping.long()
+    k_cache.view(nb * bs, hkv, d).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(nb * bs, hkv, d).index_copy_(0, slots, value.to(v_cache.dtype))
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -108,29 +110,41 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     seq_lens: [B] (context length including this step's tokens); block_tables: [B, M].
     Request b's q_len queries are its last q_len tokens; each attends to its own position
     and everything before it. Returns [T, Hq, D] in q's dtype. Computed in float32 with
-    torch's fused SDPA: decodes together (keys past a request's length masked out and
-    zeroed), prefill chunks one by one. Reads the lengths on the host: the CPU path and
-    the kernels' oracle, not for CUDA graphs.
+    torch's fused SDPA: decodes together (keys past a request's length masked out),
+    prefill chunks one by one. Reads the lengths on the host: the CPU path and the
+    kernels' oracle, not for CUDA graphs.
     """
     plan = _plan(query_start_loc, seq_lens, block_tables, k_cache.shape[1])
+    if plan.decode_rows is not None and not plan.chunks and plan.decode_in_order:
+        return _attend(q.unsqueeze(1), k_cache, v_cache, plan.decode_slots,
+                       plan.decode_mask, scale)[:, 0]           # a pure decode step
     out = torch.empty_like(q)
     if plan.decode_rows is not None:
         rows = plan.decode_rows
-        out[rows] = _attend(q[rows].unsqueeze(1), k_cache, v_cache, plan.decode_blocks,
-                            plan.decode_len, plan.decode_mask, scale)[:, 0]
-    for start, end, blocks, seq_len, mask in plan.chunks:
-        out[start:end] = _attend(q[start:end].unsqueeze(0), k_cache, v_cache, blocks,
-                                 seq_len, mask, scale)[0]
+        out[rows] = _attend(q[rows].unsqueeze(1), k_cache, v_cache, plan.decode_slots,
+                            plan.decode_mask, scale)[:, 0]
+    for start, end, slots, mask in plan.chunks:
+        out[start:end] = _attend(q[start:end].unsqueeze(0), k_cache, v_cache, slots, mask,
+                                 scale)[0]
     return out
 
 
 class _Plan:
-    """What every layer of one step shares: which rows decode, their blocks and masks."""
+    """What every layer of one step shares: which rows decode, the cache slots each row
+    reads, and the masks."""
 
-    __slots__ = ("key", "decode_rows", "decode_blocks", "decode_len", "decode_mask", "chunks")
+    __slots__ = ("key", "decode_rows", "decode_in_order", "decode_slots", "decode_mask",
+                 "chunks")
 
 
 _last_plan: _Plan | None = None
+
+
+def _slots(block_tables: torch.Tensor, s: int, block_size: int) -> torch.Tensor:
+    """[N, M] block tables -> [N, s] int64 cache slots of positions 0..s-1."""
+    blocks = block_tables[:, :-(-s // block_size)].long()                        # [N, nblk]
+    offsets = torch.arange(block_size, device=blocks.device)
+    return (blocks[:, :, None] * block_size + offsets).flatten(1)[:, :s]
 
 
 def _plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
@@ -148,42 +162,43 @@ def _plan(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_tables: t
     plan = _Plan()
     plan.key = tuple(t.clone() for t in inputs)
     decodes = [b for b in range(len(lens)) if qsl[b + 1] - qsl[b] == 1]
-    plan.decode_rows = plan.decode_blocks = plan.decode_mask = None
-    plan.decode_len = 0
+    plan.decode_rows = plan.decode_slots = plan.decode_mask = None
+    plan.decode_in_order = decodes == list(range(len(lens))) and qsl[-1] == len(lens)
     if decodes:
         d_lens = [lens[b] for b in decodes]
         s = max(d_lens)
         plan.decode_rows = torch.tensor([qsl[b] for b in decodes], device=dev)
-        plan.decode_blocks = block_tables[decodes, :-(-s // block_size)].long()  # [N, nblk]
         valid = torch.arange(s, device=dev)[None, :] < torch.tensor(d_lens, device=dev)[:, None]
-        plan.decode_mask = valid[:, None, :, None]                                # [N,1,S,1]
-        plan.decode_len = s
+        slots = _slots(block_tables[decodes], s, block_size)                      # [N, S]
+        # Keys past a request's length are masked out; they re-read the request's own
+        # first slot, so whatever other requests left in the pool never enters the sum
+        # (a masked key weighs exactly 0, and 0 * a finite value is 0).
+        plan.decode_slots = torch.where(valid, slots, slots[:, :1])
+        plan.decode_mask = valid[:, None, None, :]                                # [N,1,1,S]
     plan.chunks = []
     for b, s in enumerate(lens):
         start, end = qsl[b], qsl[b + 1]
         if end - start > 1:   # query i sits at s - L + i and sees keys 0..itself
             q_pos = torch.arange(s - (end - start), s, device=dev)
             mask = torch.arange(s, device=dev)[None, :] <= q_pos[:, None]        # [L, S]
-            blocks = block_tables[b:b + 1, :-(-s // block_size)].long()
-            plan.chunks.append((start, end, blocks, s, mask))
+            plan.chunks.append((start, end, _slots(block_tables[b:b + 1], s, block_size),
+                                mask))
     _last_plan = plan
     return plan
 
 
 def _attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            blocks: torch.Tensor, s: int, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [N, L, Hq, D], the last L tokens of N sequences (L == 1, or N == 1) whose keys are
-    the first ``s`` slots of ``blocks`` [N, nblk]. ``mask``: [N, 1, S, 1] valid keys of
-    decodes, or [L, S] causal for one chunk. Returns [N, L, Hq, D]."""
-    hkv, hq = k_cache.shape[2], q.shape[2]
-    k = k_cache[blocks].flatten(1, 2)[:, :s].float().transpose(1, 2)     # [N, Hkv, S, D]
-    v = v_cache[blocks].flatten(1, 2)[:, :s].float().transpose(1, 2)
-    if mask.dim() == 4:
-        # Padding slots may hold anything (stale or never written): zero them so a
-        # masked-out key contributes exactly nothing, whatever its bits.
-        k, v = k.where(mask, 0.0), v.where(mask, 0.0)
-        mask = mask.transpose(2, 3)                                      # [N, 1, 1, S]
+            slots: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [N, L, Hq, D], the last L tokens of N sequences (L == 1, or N == 1) whose keys
+    sit in cache ``slots`` [N, S]. ``mask``: [N, 1, 1, S] valid keys of decodes, or
+    [L, S] causal for one chunk. Returns [N, L, Hq, D]."""
+    _, _, hkv, d = k_cache.shape
+    hq = q.shape[2]
+    n, s = slots.shape
+    flat = slots.reshape(-1)
+    k = k_cache.view(-1, hkv, d).index_select(0, flat).view(n, s, hkv, d)
+    v = v_cache.view(-1, hkv, d).index_select(0, flat).view(n, s, hkv, d)
     o = torch.nn.functional.scaled_dot_product_attention(
-        q.float().transpose(1, 2), k, v, attn_mask=mask, scale=scale,
-        enable_gqa=hq != hkv)                                           # [N, Hq, L, D]
+        q.float().transpose(1, 2), k.float().transpose(1, 2), v.float().transpose(1, 2),
+        attn_mask=mask, scale=scale, enable_gqa=hq != hkv)             # [N, Hq, L, D]
     return o.transpose(1, 2).to(q.dtype)

@@ -28,6 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
+from qworker.model import cpu_gemm
+
 __all__ = [
     "ColumnParallelLinear", "ParallelLMHead", "RowParallelLinear", "Shard", "TPContext",
     "VocabParallelEmbedding", "even_shard", "head_shard",
@@ -83,7 +85,28 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
+class _Prepackable:
+    """A linear whose single-rank forward can use a weight packed once (CPU, float32).
+
+    ``prepack()`` after the weights are loaded; ``weight`` stays a valid parameter (the
+    packed copy is extra memory: the model's linear weights once more)."""
+
+    packed: torch.Tensor | None = None
+
+    def prepack(self, weight: torch.Tensor) -> bool:
+        if not cpu_gemm.available(weight):
+            return False
+        self.packed = cpu_gemm.pack(weight)
+        return True
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            return cpu_gemm.packed_linear(x, self.packed, bias)
+        return F.linear(x, weight, bias)
+
+
+class ColumnParallelLinear(_Prepackable, nn.Module):
     """``y_r = x @ W_r.T + b_r``: this rank's rows of one or more fused projections.
 
     ``parts`` maps a part name (``"q"``, ``"k"``, ``"v"``; ``"gate"``, ``"up"``) to the
@@ -114,12 +137,12 @@ class ColumnParallelLinear(nn.Module):
         return _copy(dest, tensor.narrow(0, start, length), param)
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)             # [T, H_in] -> [T, rows_r]
+        return self._linear(x, self.weight, self.bias)         # [T, H_in] -> [T, rows_r]
 
     forward = local_forward                                    # column outputs stay sharded
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(_Prepackable, nn.Module):
     """``y = sum_r x_r @ W_r.T + b``: input features split in ``P`` equal slices."""
 
     def __init__(self, n_in: int, n_out: int, bias: bool, tp: TPContext = SINGLE) -> None:
@@ -140,7 +163,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
-            return F.linear(x, self.weight, self.bias)
+            return self._linear(x, self.weight, self.bias)
         y = self.local_forward(x)
         dist.all_reduce(y, group=self.tp.group)
         return y if self.bias is None else y + self.bias
@@ -181,7 +204,7 @@ class VocabParallelEmbedding(nn.Module):
         return h
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_Prepackable, nn.Module):
     """Logits ``[N, V]`` float32 from hidden ``[N, H]``, vocabulary split like the
     embedding. ``tied``: reuse that embedding's weight (no parameter of its own)."""
 
@@ -202,7 +225,7 @@ class ParallelLMHead(nn.Module):
         return self.shard.load(param, tensor, part)
 
     def local_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.shard.weight).float()     # [N, H] -> [N, V_r]
+        return self._linear(hidden, self.shard.weight, None).float()   # [N, H] -> [N, V_r]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.local_forward(hidden)
