@@ -20,6 +20,12 @@ class EngineConfig:
         weights from config.json alone (benchmarks of real shapes, no weight files).
     tensor_parallel_size: GPUs (of one host) one model is sharded across; rank 0 runs
         the scheduler (``qworker.engine.distributed``). 1: no parallelism, no overhead.
+    async_scheduling: schedule and launch step N+1 before reading step N's sampled ids,
+        so the host's work overlaps the GPU's (sampled ids feed the next step on the
+        device; a request that stops computes one token that is thrown away). None: on
+        for CUDA without tensor parallelism, off elsewhere (the CPU has nothing to
+        overlap). While a request with a repetition/presence/frequency penalty runs,
+        steps are synchronous (the penalties need every earlier token).
     """
 
     max_num_seqs: int = 256
@@ -33,6 +39,7 @@ class EngineConfig:
     enforce_eager: bool = False
     load_format: str = "auto"
     tensor_parallel_size: int = 1
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -56,5 +63,8 @@ class EngineConfig:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' (read the weights) or 'dummy' "
                              f"(random weights, for benchmarks), got {self.load_format!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None (auto), got "
+                             f"{self.async_scheduling!r}")
         if not self.cpu_kv_cache_gb > 0:
             raise ValueError(f"cpu_kv_cache_gb must be > 0, got {self.cpu_kv_cache_gb}")

@@ -212,19 +212,21 @@ def run_ours(llm, reqs):
 class StepTimer:
     """Times one engine's steps by stage (bench only: shadows the instances' methods).
 
-    Per step, in ms: ``wall``; ``wait``, the host blocked on the GPU (the engine's fetch of
-    the sampled ids, reproduced by a synchronize at the same point); ``gpu``, the CUDA-event
-    span from the runner's launch to the end of the sampler; the host stages ``schedule``,
-    ``execute`` (build inputs + launch), ``sampling_batch``, ``sampler_launch``, ``update``;
-    ``host`` = wall - wait.
+    Per ``Engine.step()`` call, in ms: ``wall``; ``schedule``; ``execute`` (build inputs
+    + launch the forward); ``launch_rest`` (sampling batch + sampler launch + advance);
+    ``wait``, the host blocked on the GPU for the sampled ids; ``resolve`` (update +
+    detokenize, after the wait); ``gpu``, the CUDA-event span from the runner's launch to
+    the end of the sampler; ``host`` = wall - wait. With asynchronous scheduling a call
+    launches one step and resolves the one before, so ``wait`` is what the host work did
+    not hide.
     """
 
     def __init__(self, engine) -> None:
         self.engine, self.totals, self.steps = engine, defaultdict(float), 0
         self._events: list = []
-        sched, runner, sampler = engine.scheduler, engine.runner, engine.sampler
-        self._sampler = sampler
+        sched, runner = engine.scheduler, engine.runner
         clock = time.perf_counter
+        cuda = torch.cuda.is_available()
 
         def schedule():
             t0 = clock()
@@ -232,39 +234,36 @@ class StepTimer:
             self.totals["schedule"] += clock() - t0
             return r
 
-        def update(out, sampled):
+        def execute(out, pending=None):
             t0 = clock()
-            r = type(sched).update_from_output(sched, out, sampled)
-            self.totals["update"] += clock() - t0
+            r = type(runner).execute(runner, out, pending)
+            self.totals["execute"] += clock() - t0
             return r
 
-        def execute(out):
-            ev = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)] \
-                if torch.cuda.is_available() else [None, None]
-            if ev[0] is not None:
+        def launch(out, prev):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if cuda else None
+            if ev:
                 ev[0].record()
             t0 = clock()
-            r = type(runner).execute(runner, out)
-            self._exec_end = clock()
-            self.totals["execute"] += self._exec_end - t0
-            self._pending = ev
+            r = type(engine)._launch(engine, out, prev)
+            if ev:
+                ev[1].record()
+                self._events.append(ev)
+            self.totals["launch_rest"] += clock() - t0
             return r
 
-        def sample(logits, batch):
+        def resolve(step):
             t0 = clock()
-            self.totals["sampling_batch"] += t0 - self._exec_end
-            r = sampler(logits, batch)
-            if self._pending[1] is not None:
-                self._pending[1].record()
-                self._events.append(self._pending)
+            if step.event is not None:
+                step.event.synchronize()
             t1 = clock()
-            self.totals["sampler_launch"] += t1 - t0
-            sync()                              # where the engine's .tolist() waits
-            self.totals["wait"] += clock() - t1
+            r = type(engine)._resolve(engine, step)
+            self.totals["wait"] += t1 - t0
+            self.totals["resolve"] += clock() - t1
             return r
 
-        sched.schedule, sched.update_from_output = schedule, update
-        runner.execute, engine.sampler = execute, sample
+        sched.schedule, runner.execute = schedule, execute
+        engine._launch, engine._resolve = launch, resolve
 
     def step(self):
         t0 = time.perf_counter()
@@ -275,12 +274,15 @@ class StepTimer:
 
     def close(self) -> dict[str, float]:
         e = self.engine
-        del e.scheduler.schedule, e.scheduler.update_from_output, e.runner.execute
-        e.sampler = self._sampler
-        self.engine = self._sampler = None
+        del e.scheduler.schedule, e.runner.execute, e._launch, e._resolve
+        self.engine = None
         res = {k: round(v / self.steps * 1e3, 3) for k, v in self.totals.items()}
-        res["gpu"] = round(sum(a.elapsed_time(b) for a, b in self._events) / self.steps, 3)
+        res["launch_rest"] = round(res.get("launch_rest", 0.0) - res.get("execute", 0.0), 3)
+        sync()                          # the last launch may still be running
+        res["gpu"] = round(sum(a.elapsed_time(b) for a, b in self._events) / self.steps, 3) \
+            if self._events else 0.0
         res["host"] = round(res["wall"] - res.get("wait", 0.0), 3)
+        res["async"] = bool(e.async_scheduling)
         return res
 
 
@@ -469,6 +471,9 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--sync-too", action="store_true",
+                    help="also time ours and decode with asynchronous scheduling off (same "
+                         "engine, same run), for a side-by-side ratio")
     ap.add_argument("--decode-batches", default="1,32,256")
     ap.add_argument("--decode-context", type=int, default=512)
     ap.add_argument("--decode-workload", default="W_8b", help="whose engine times decode")
@@ -537,26 +542,36 @@ def main() -> None:
             res[wl]["memory"] = runner.memory
             print(f"{wl}: engine up in {res[wl]['engine_init_s']} s, {runner.num_kv_blocks} "
                   f"KV blocks, {runner.memory}", flush=True)
+            eng = llm.engine
+            # the engine's own setting, then (--sync-too) the same engine synchronous
+            variants = [("", eng.async_scheduling)]
+            if a.sync_too and eng.async_scheduling:
+                variants.append(("_sync", False))
             if "ours" in modes:
                 # Warm-up: the whole workload once, so that every Triton specialisation the
                 # run needs is compiled before timing; then forget its cached prefixes.
                 t0 = time.perf_counter()
                 run_ours(llm, reqs if dev == "cuda" else [(reqs[0][0][:16], 4)])
                 res[wl]["warmup_s"] = round(time.perf_counter() - t0, 1)
-                llm.engine.block_manager.reset_prefix_cache()
-                steps = count_steps(llm.engine)
-                expected = sum(n for _, n in reqs)
-                toks, dt = run_ours(llm, reqs)
-                res[wl]["steps"] = steps.close()
-                if toks != expected:
-                    raise SystemExit(f"ours produced {toks} tokens, expected {expected}")
-                record(wl, "ours", toks, dt, len(reqs))
-                res[wl]["preemptions"] = llm.engine.scheduler.num_preemptions
+                for tag, on in variants:
+                    eng.async_scheduling = on
+                    eng.block_manager.reset_prefix_cache()
+                    steps = count_steps(eng)
+                    expected = sum(n for _, n in reqs)
+                    toks, dt = run_ours(llm, reqs)
+                    res[wl]["steps" + tag] = steps.close()
+                    if toks != expected:
+                        raise SystemExit(f"ours produced {toks} tokens, expected {expected}")
+                    record(wl, "ours" + tag, toks, dt, len(reqs))
+                res[wl]["preemptions"] = eng.scheduler.num_preemptions
             if "decode" in modes and wl == a.decode_workload:
-                res[wl]["decode"] = bench_decode(
-                    llm.engine, [int(b) for b in a.decode_batches.split(",")],
-                    a.decode_context, res.get("copy_TBps"))
-                save()
+                for tag, on in variants:
+                    eng.async_scheduling = on
+                    res[wl]["decode" + tag] = bench_decode(
+                        eng, [int(b) for b in a.decode_batches.split(",")],
+                        a.decode_context, res.get("copy_TBps"))
+                    save()
+            eng.async_scheduling = variants[0][1]
             del llm, runner
             free_cuda()
 
@@ -612,16 +627,21 @@ def main() -> None:
             if "ours_tok_s" in r and f"{base}_tok_s" in r:
                 r[f"ours_vs_{base}"] = round(r["ours_tok_s"] / r[f"{base}_tok_s"], 2)
                 print(f"{wl} ours / {base}: {r[f'ours_vs_{base}']:.2f}x")
-        for d in r.get("decode", []):
-            print(f"{wl} decode batch {d['batch']:3d} ctx {d['context']}: step {d['wall']:.2f} ms"
-                  f" (graph replay {d.get('graph_replay', float('nan')):.2f}, gpu "
-                  f"{d['gpu']:.2f}, host {d['host']:.2f}, schedule {d.get('schedule', 0):.2f}"
-                  f", execute {d.get('execute', 0):.2f}, sampling batch "
-                  f"{d.get('sampling_batch', 0):.2f}, update {d.get('update', 0):.2f}); floor "
-                  f"{d.get('floor', float('nan')):.2f} ms ({d.get('step_vs_floor', 0):.0%}); "
-                  f"one layer's attention {d.get('attention_layer_ms', float('nan')):.3f} ms "
-                  f"at {d.get('attention_TBps', float('nan'))} TB/s over mean context "
-                  f"{d.get('mean_seq_len')}")
+        if "ours_sync_tok_s" in r:
+            r["async_vs_sync"] = round(r["ours_tok_s"] / r["ours_sync_tok_s"], 3)
+            print(f"{wl} ours async / sync scheduling: {r['async_vs_sync']:.3f}x")
+        for tag in ("", "_sync"):
+            for d in r.get("decode" + tag, []):
+                print(f"{wl} decode{tag} batch {d['batch']:3d} ctx {d['context']}: step "
+                      f"{d['wall']:.2f} ms (graph replay {d.get('graph_replay', float('nan')):.2f},"
+                      f" gpu {d['gpu']:.2f}, host {d['host']:.2f}, wait {d.get('wait', 0):.2f}; "
+                      f"schedule {d.get('schedule', 0):.2f}, execute {d.get('execute', 0):.2f}, "
+                      f"sampling {d.get('launch_rest', 0):.2f}, resolve "
+                      f"{d.get('resolve', 0):.2f}); floor {d.get('floor', float('nan')):.2f} ms "
+                      f"({d.get('step_vs_floor', 0):.0%}); one layer's attention "
+                      f"{d.get('attention_layer_ms', float('nan')):.3f} ms at "
+                      f"{d.get('attention_TBps', float('nan'))} TB/s over mean context "
+                      f"{d.get('mean_seq_len')}")
         if "alternating" in r:
             print(f"{wl} ours / hf_cb, median of {a.pairs} alternating pairs: "
                   f"{r['alternating']['median_ratio']:.2f}x")

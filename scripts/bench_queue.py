@@ -209,6 +209,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="engine/redis throughput pairs")
     ap.add_argument("--timeout", type=float, default=1800.0)
     ap.add_argument("--json", default="")
+    ap.add_argument("--profile-worker", default="",
+                    help="write a cProfile of the worker's engine loop to this file "
+                         "(slows the worker: for where the time goes, not for the ratio)")
     a = ap.parse_args()
     a.load_format = "auto"
     if a.workload in WORKLOADS:          # real shapes, random weights, random token prompts
@@ -233,7 +236,10 @@ def main() -> None:
     engine = make_engine(a)
     server, url = (None, a.redis_url) if a.redis_url else start_redis()
     prefix = f"bench{os.getpid()}"
-    worker = subprocess.Popen([sys.executable, "-m", "qworker.cli", "worker", "--model", a.model,
+    # --profile-worker: the worker's main thread (the engine loop) under cProfile
+    prof = ["-m", "cProfile", "-o", a.profile_worker] if a.profile_worker else []
+    worker = subprocess.Popen([sys.executable, *prof, "-m", "qworker.cli", "worker",
+                               "--model", a.model,
                                "--redis-url", url, "--prefix", prefix, "--name", "bench",
                                "--log-level", "warning", *engine_args(a)])
     try:

@@ -123,7 +123,10 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(tiny_checkpoint):
     assert a != c
 
 
-def test_stop_strings_min_tokens_and_max_tokens(smol):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_stop_strings_min_tokens_and_max_tokens(smol, smollm2_dir, async_scheduling):
+    if async_scheduling:   # the stop string is found one step after the next was launched
+        smol = LLM(str(smollm2_dir), device="cpu", dtype="float32", async_scheduling=True)
     out = smol.generate("1, 2, 3, 4, 5,", SamplingParams(max_tokens=30, temperature=0.0,
                                                           stop=["9"]))[0]
     assert out.finish_reason == "stop"
@@ -146,3 +149,91 @@ def test_generate_validates_its_input(smol):
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(ValueError, match="smollm2-135m-instruct"):
         LLM("no-such-model-anywhere", device="cpu")
+
+
+# ---- asynchronous scheduling (CUDA's default; forced on here, on the CPU) ----------------
+
+def _async_mix(path, prompts) -> list[SamplingParams]:
+    """Greedy to the limit, seeded, min_tokens, max_tokens 1, and requests that stop early
+    on a stop token id: a token their own run makes mid-way (found by a first pass)."""
+    free = LLM(str(path), device="cpu", dtype="float32").generate(
+        prompts[:2], [SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+                      SamplingParams(max_tokens=30, temperature=1.0, seed=3, ignore_eos=True)])
+    stop_greedy, stop_seeded = free[0].token_ids[9], free[1].token_ids[13]
+    return [
+        SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[stop_greedy]),
+        SamplingParams(max_tokens=30, temperature=1.0, seed=3, stop_token_ids=[stop_seeded]),
+        SamplingParams(max_tokens=28, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=1.0, seed=9, min_tokens=12,
+                       stop_token_ids=[stop_greedy, stop_seeded]),
+        SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=1, temperature=0.0),
+    ]
+
+
+def _mixed_prompts(n: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(11)
+    shared = torch.randint(3, 1000, (18,), generator=g).tolist()
+    return [shared + torch.randint(3, 1000, (5 + 7 * i,), generator=g).tolist()
+            for i in range(n)]
+
+
+def _outputs(llm, prompts, params):
+    return [(o.token_ids, o.finish_reason) for o in llm.generate(prompts, params)]
+
+
+def test_async_scheduling_gives_the_synchronous_outputs(tiny_checkpoint):
+    """Launching step N+1 before reading step N changes no token and no finish reason:
+    greedy and seeded, EOS, stop token ids, min_tokens and max_tokens (incl. 1), under
+    forced preemption and with prefix caching; no block leaks."""
+    path = tiny_checkpoint("llama")
+    prompts = _mixed_prompts(6)
+    mix = _async_mix(path, prompts)
+    sync = _outputs(LLM(str(path), device="cpu", dtype="float32", async_scheduling=False),
+                    prompts, mix)
+    assert [r for _, r in sync[:2]] == ["stop", "stop"] and len(sync[0][0]) < 30
+    assert [len(t) for t, _ in sync[2:]] == [28, 20, 30, 1]
+    for kw in ({}, {"num_kv_blocks": 9, "block_size": 16}):
+        llm = LLM(str(path), device="cpu", dtype="float32", async_scheduling=True, **kw)
+        assert llm.engine.async_scheduling
+        assert _outputs(llm, prompts, mix) == sync, kw
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+        if kw:
+            assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_async_step_returns_the_previous_launch_and_aborts_drop_in_flight_tokens(
+        tiny_checkpoint):
+    path = tiny_checkpoint("llama")
+    llm = LLM(str(path), device="cpu", dtype="float32", async_scheduling=True)
+    eng = llm.engine
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    eng.add_request("a", [5, 6, 7], greedy)
+    eng.add_request("b", [8, 9], greedy)
+    assert eng.step() == []                     # launched; nothing read back yet
+    assert eng.has_unfinished()
+    first = eng.step()                          # the prefill's tokens, while step 2 runs
+    assert sorted(o.request_id for o in first) == ["a", "b"]
+    assert eng.abort("b")                       # its in-flight token is dropped
+    seen: dict[str, list[int]] = {"a": first[0].new_token_ids if first[0].request_id == "a"
+                                  else first[1].new_token_ids, "b": []}
+    while eng.has_unfinished():
+        for o in eng.step():
+            seen[o.request_id] += o.new_token_ids
+    assert seen["b"] == [] and len(seen["a"]) == 6
+    assert seen["a"] == llm.generate([[5, 6, 7]], greedy)[0].token_ids
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+
+
+def test_async_scheduling_steps_synchronously_while_a_penalty_request_runs(tiny_checkpoint):
+    """Penalties need every earlier token on the host: outputs equal the synchronous ones."""
+    path = tiny_checkpoint("llama")
+    params = [SamplingParams(max_tokens=16, temperature=0.0, repetition_penalty=1.3,
+                             frequency_penalty=0.4, ignore_eos=True),
+              SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)]
+    prompts = _mixed_prompts(2)
+    sync = _outputs(LLM(str(path), device="cpu", dtype="float32", async_scheduling=False),
+                    prompts, params)
+    llm = LLM(str(path), device="cpu", dtype="float32", async_scheduling=True)
+    assert _outputs(llm, prompts, params) == sync

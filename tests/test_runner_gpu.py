@@ -79,7 +79,8 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 @pytest.fixture(scope="module")
 def engine(dummy_dir):
-    e = make_engine(dummy_dir)
+    """Synchronous: these tests drive single steps by hand (schedule, execute, update)."""
+    e = make_engine(dummy_dir, async_scheduling=False)
     yield e
     del e
     torch.cuda.empty_cache()
@@ -240,3 +241,34 @@ def test_a_decode_step_does_not_wait_for_the_gpu(engine):
     for rid in ids:
         engine.abort(rid)
     assert busy, "the step waited for the GPU before its sampled ids were fetched"
+
+
+def test_async_scheduling_gives_the_synchronous_tokens(dummy_dir, engine):
+    """CUDA's default launches step N+1 (its decodes reading step N's sampled ids on the
+    device) before step N's ids reach the host: the tokens are those of the synchronous
+    engine, greedy and seeded, requests of many lengths finishing at different steps
+    (batches stay under 32 rows: see the batch-size tests above)."""
+    fast = make_engine(dummy_dir)
+    assert fast.async_scheduling
+    batch = prompts(12, 7)
+    params = [SamplingParams(max_tokens=6 + 5 * i, temperature=1.0 if i % 2 else 0.0,
+                             top_p=0.9, seed=i, ignore_eos=True) for i in range(12)]
+    assert generate(fast, batch, params) == generate(engine, batch, params)
+    assert fast.block_manager.num_free_blocks == fast.block_manager.num_blocks
+
+
+def test_an_async_step_returns_while_the_next_step_runs(dummy_dir):
+    """The overlap itself: ``step()`` launches step N+1 and hands back step N's tokens
+    without waiting for N+1 (a synchronous engine would wait for it)."""
+    fast = make_engine(dummy_dir)
+    ids = run_to_decode(fast, prompts(16, 5))
+    fast.step()                         # step N in flight
+    torch.cuda.synchronize()            # ... and done
+    hog = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(30):                 # ~30 ms of GPU work ahead of step N+1
+        hog @ hog
+    out = fast.step()                   # launches N+1 behind it, returns N's tokens
+    busy = not torch.cuda.current_stream().query()
+    assert len(out) == 16 and busy, "step() waited for the step it launched"
+    for rid in ids:
+        fast.abort(rid)

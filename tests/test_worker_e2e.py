@@ -372,3 +372,44 @@ def test_resume_continues_from_the_text_the_log_holds(client, server, offline):
     events = list(client.stream(jid, timeout=5))
     assert (res.token_ids, res.text) == (ids, want.text)
     assert "".join(e.text for e in events) == want.text and events[0].seq == 0
+
+
+def test_an_async_scheduling_worker_streams_the_offline_tokens_and_cancels(tiny, offline):
+    """The worker over an engine that launches each step before reading the last (CUDA's
+    default, forced on here): the same streamed tokens, a cancel mid-stream frees every
+    block, and nothing of the cancelled job's in-flight step is published."""
+    from redis_support import RedisServer
+
+    from qworker.engine.engine import Engine
+
+    eng = Engine(tiny, EngineConfig(max_num_seqs=16, num_kv_blocks=512,
+                                    async_scheduling=True), device="cpu", dtype="float32")
+    srv = RedisServer()
+    w = InProcessWorker(eng, srv.url, "w-async", lease_ms=LEASE_MS)
+    c = Client(srv.url)
+    try:
+        prompts = ["The capital of France is", "1, 2, 3,"]
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        ids = [c.submit(prompt=p, max_tokens=12, temperature=0.0, ignore_eos=True)
+               for p in prompts]
+        long = c.submit(prompt="cancel me", max_tokens=400, ignore_eos=True, temperature=0.0)
+        for jid, ref in zip(ids, offline.generate(prompts, params), strict=True):
+            events = list(c.stream(jid, timeout=30))
+            assert [t for e in events for t in e.token_ids] == ref.token_ids
+            assert "".join(e.text for e in events) == ref.text
+        stream = c.stream(long, timeout=30)
+        for ev in stream:
+            if ev.seq >= 3:
+                break
+        c.cancel(long)
+        rest = list(stream)
+        assert rest[-1].finished and rest[-1].finish_reason == "cancelled"
+        assert [e.seq for e in rest] == list(range(ev.seq + 1, ev.seq + 1 + len(rest)))
+        res = c.result(long, timeout=5)
+        assert len(res.token_ids) < 400
+        wait_for(lambda: not eng.has_unfinished(), 5, what="engine idle")
+        assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    finally:
+        c.close()
+        w.stop()
+        srv.close()

@@ -41,6 +41,9 @@ class HostBatch:
     max_query_len: int
     max_seq_len: int
     staging: _Staging | None = None
+    # (token row, request) of decodes whose input token is still pending on the device
+    # (asynchronous scheduling): input_ids holds 0 there until the runner fills it in
+    pending: list[tuple[int, Request]] | None = None
 
 
 def tokens_of(req: Request, start: int, end: int) -> list[int]:
@@ -68,8 +71,9 @@ class _Staging:
 
         if tokens > self.tokens:
             self.tokens = max(tokens, 2 * self.tokens)
-            # input_ids | positions | slot_mapping | sample_rows, one int64 buffer each
-            self.i64 = [buf(self.tokens, torch.int64) for _ in range(4)]
+            # input_ids | positions | slot_mapping | sample_rows | pending rows and their
+            # source rows (filled by the runner), one int64 buffer each
+            self.i64 = [buf(self.tokens, torch.int64) for _ in range(6)]
         if reqs > self.reqs:
             self.reqs = max(reqs, 2 * self.reqs)
             self.qsl = buf(self.reqs + 1, torch.int32)
@@ -172,13 +176,14 @@ class BatchBuilder:
         st = self._sets[self._next]
         self._next = (self._next + 1) % len(self._sets)
         st.acquire(rows, max(rows, num_reqs), num_reqs * width)
-        ids, pos, slots, samp = (t.numpy() for t in st.i64)
+        ids, pos, slots, samp = (t.numpy() for t in st.i64[:4])
         qsl, lens = st.qsl.numpy(), st.seq_lens.numpy()
         tables = self._tables
         tables.step += 1
         table_rows = np.empty(num_reqs, dtype=np.int64)
         qsl[0] = 0
         t = num_samples = 0
+        pending: list[tuple[int, Request]] = []
         for i, s in enumerate(sched):
             req, n = s.request, s.num_new_tokens
             start = req.num_computed_tokens
@@ -186,8 +191,13 @@ class BatchBuilder:
             blocks = req.block_ids
             if n == 1:
                 p = len(req.prompt_token_ids)
-                ids[t] = req.prompt_token_ids[start] if start < p else \
-                    req.output_token_ids[start - p]
+                if start < p:
+                    ids[t] = req.prompt_token_ids[start]
+                elif start - p < len(req.output_token_ids):
+                    ids[t] = req.output_token_ids[start - p]
+                else:                                   # sampled, not yet read back
+                    ids[t] = 0
+                    pending.append((t, req))
                 pos[t] = start
                 slots[t] = blocks[start // bs] * bs + start % bs
             else:
@@ -218,7 +228,7 @@ class BatchBuilder:
             seq_lens=st.seq_lens[:rows if pad_to is not None else num_reqs],
             block_tables=st.bt[:num_reqs * width].view(num_reqs, width),
             sample_rows=i64[3][:num_samples], is_decode=is_decode,
-            max_query_len=max_q, max_seq_len=max_seq, staging=st)
+            max_query_len=max_q, max_seq_len=max_seq, staging=st, pending=pending or None)
 
     @staticmethod
     def copies_issued(batch: HostBatch) -> None:

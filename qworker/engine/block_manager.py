@@ -86,6 +86,9 @@ class BlockManager:
         that holds no blocks yet. Returns False, changing nothing, when the pool is short:
         the scheduler then preempts someone and tries again.
         """
+        if not computed_blocks and (request.num_computed_tokens + num_new_tokens
+                                    <= len(request.block_ids) * self.block_size):
+            return True         # the hot path: a decode inside its last block
         computed_blocks = computed_blocks or []
         num_cached = len(computed_blocks) * self.block_size
         start = max(request.num_computed_tokens, num_cached)
@@ -115,7 +118,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         hashes = self._req_hashes.setdefault(request.request_id, [])
-        num_full = request.num_computed_tokens // self.block_size
+        # only blocks whose every token id is known (none pending on the device)
+        num_full = min(request.num_computed_tokens, request.num_known_tokens) // self.block_size
         if num_full <= len(hashes):
             return
         tokens = request.all_token_ids

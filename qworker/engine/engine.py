@@ -1,24 +1,39 @@
 """The engine: add requests, step the continuous-batching loop, collect each step's deltas.
 
 ``Engine.step()`` is the whole loop in one breath: schedule -> run the model -> sample ->
-update request state -> detokenize. The Redis worker and the offline ``LLM`` both drive it.
+update request state -> detokenize (with asynchronous scheduling, the next step is
+launched before this one's sampled ids are read). The Redis worker and the offline
+``LLM`` both drive it.
 """
 
 from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from typing import Any
+
+import torch
 
 from qworker.config import EngineConfig
 from qworker.engine.block_manager import BlockManager
 from qworker.engine.output import OutputProcessor
 from qworker.engine.request import Request
-from qworker.engine.runner import ModelRunner
+from qworker.engine.runner import ModelRunner, PendingTokens
 from qworker.engine.sampler import Sampler, SamplingBatch
-from qworker.engine.scheduler import Scheduler
+from qworker.engine.scheduler import Scheduler, SchedulerOutput
 from qworker.model.hub import resolve_model
 from qworker.model.loader import load_model
 from qworker.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class _Launched:
+    """A step queued on the device whose sampled ids the host has not read."""
+
+    sched: SchedulerOutput
+    host: torch.Tensor | None            # [S] int64 sampled ids (pinned on CUDA)
+    event: Any                           # torch.cuda.Event behind the copy; None on CPU
+    pending: PendingTokens | None        # the same ids on the device, for the next step
 
 
 @dataclass(slots=True)
@@ -44,8 +59,6 @@ class Engine:
 
     def __init__(self, model: str, config: EngineConfig | None = None, device: str = "auto",
                  dtype: str = "auto"):
-        import torch
-
         self.config = config or EngineConfig()
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -79,6 +92,14 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer) if self.tokenizer is not None else None
         self.vocab_size = int(self.loaded.config.vocab_size)
         self._requests: dict[str, Request] = {}
+        self._history_ids: set[str] = set()     # running requests that use penalties
+        async_on = self.config.async_scheduling
+        if async_on is None:
+            async_on = self.device.type == "cuda" and self.tp is None
+        if async_on and self.tp is not None:
+            raise ValueError("async_scheduling does not work with tensor_parallel_size > 1")
+        self.async_scheduling = bool(async_on)
+        self._inflight: _Launched | None = None  # launched, sampled ids not read yet
         self._arrivals = 0
         self._avg_prompt_len = 256.0
 
@@ -113,22 +134,25 @@ class Engine:
         self._arrivals += 1
         self._avg_prompt_len = 0.9 * self._avg_prompt_len + 0.1 * req.num_tokens
         self._requests[request_id] = req
+        if params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 \
+                or params.frequency_penalty != 0.0:
+            self._history_ids.add(request_id)
         if self.outputs is not None:
             self.outputs.add_request(request_id, prompt, params, resumed, emitted_text)
         self.scheduler.add(req)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request now and free its KV blocks. Returns False if it is unknown."""
-        req = self._requests.pop(request_id, None)
+        req = self._requests.get(request_id)
         if req is None:
             return False
         self.scheduler.finish(req, "abort")
-        if self.outputs is not None:
-            self.outputs.remove(request_id)
+        self._forget(request_id)
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether a request is queued or running, or a launched step is not read yet."""
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def capacity(self) -> int:
         """How many more requests could start soon: free sequence slots, bounded by the
@@ -151,21 +175,62 @@ class Engine:
 
     # ---- the loop ------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        """Run one iteration: every scheduled request advances; finished ones free their
-        blocks at once. Returns a StepOutput for each request that sampled a token."""
+        """Run one iteration; returns a StepOutput for each request that sampled a token.
+
+        Synchronous (the CPU's default): schedule -> run -> sample -> read the ids ->
+        update -> detokenize; every scheduled request advances and finished ones free
+        their blocks at once. Asynchronous (``EngineConfig.async_scheduling``, CUDA's
+        default): this call schedules and launches step N+1, whose decodes take step N's
+        sampled ids on the device, and only then reads step N's ids and returns step N's
+        outputs; so the first call returns nothing, and the host's work (scheduling,
+        inputs, detokenization, and the caller's own) runs while the GPU computes."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None and self._history_ids:
+            return self._resolve(prev)      # penalties need every id on the host first
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        logits = self.runner.execute(sched)                 # [num_sampling, V] float32
+        cur = self._launch(sched, prev) if sched.scheduled else None
+        if self.async_scheduling:
+            self._inflight = cur
+            return self._resolve(prev) if prev is not None else []
+        return self._resolve(cur) if cur is not None else []
+
+    def _launch(self, sched: SchedulerOutput, prev: _Launched | None) -> _Launched:
+        """Queue one step on the device: forward, sampler, and the copy of the sampled
+        ids to the host; nothing here waits for the device."""
+        logits = self.runner.execute(sched, prev.pending if prev is not None else None)
         reqs = sched.sampling_requests
-        sampled: list[int] = []
+        ids = host = event = None
         if reqs:
             batch = SamplingBatch.from_requests(reqs, self.eos_token_ids, self.vocab_size,
                                                 logits.device)
-            sampled = self.sampler(logits, batch).tolist()  # the step's only host sync
-        self.scheduler.update_from_output(sched, sampled)
+            ids = self.sampler(logits, batch)                  # [S] int64, on the device
+            host = ids
+            if ids.device.type == "cuda":
+                host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+                host.copy_(ids, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+        self.scheduler.advance(sched)
+        pending = None
+        if ids is not None:
+            pending = PendingTokens(ids, {r.request_id: i for i, r in enumerate(reqs)})
+        return _Launched(sched, host, event, pending)
+
+    def _resolve(self, step: _Launched) -> list[StepOutput]:
+        """Read a launched step's sampled ids (the step's one wait on the device) and turn
+        them into request state and outputs."""
+        reqs = step.sched.sampling_requests
+        sampled: list[int] = []
+        if reqs:
+            if step.event is not None:
+                step.event.synchronize()
+            sampled = step.host.tolist()
+        gone = {id(r) for r in reqs if r.is_finished}          # aborted or stopped meanwhile
+        self.scheduler.resolve(step.sched, sampled)
         results = []
         for req, token in zip(reqs, sampled, strict=True):
+            if id(req) in gone:
+                continue
             text, stopped = "", False
             if self.outputs is not None:
                 text, stopped = self.outputs.process(req.request_id, [token], req.is_finished)
@@ -178,10 +243,14 @@ class Engine:
                                       req.finish_reason, req.num_prompt_tokens,
                                       req.num_output_tokens))
             if req.is_finished:
-                self._requests.pop(req.request_id, None)
-                if self.outputs is not None:
-                    self.outputs.remove(req.request_id)
+                self._forget(req.request_id)
         return results
+
+    def _forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+        self._history_ids.discard(request_id)
+        if self.outputs is not None:
+            self.outputs.remove(request_id)
 
     def stats(self) -> dict[str, float]:
         """Gauges for heartbeats and metrics."""

@@ -37,7 +37,8 @@ class LLM:
                  block_size: int = 16, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.90, enforce_eager: bool = False,
-                 load_format: str = "auto", tensor_parallel_size: int = 1):
+                 load_format: str = "auto", tensor_parallel_size: int = 1,
+                 async_scheduling: bool | None = None):
         config = EngineConfig(max_num_seqs=max_num_seqs,
                               max_num_batched_tokens=max_num_batched_tokens,
                               block_size=block_size, num_kv_blocks=num_kv_blocks,
@@ -45,7 +46,8 @@ class LLM:
                               max_model_len=max_model_len,
                               gpu_memory_utilization=gpu_memory_utilization,
                               enforce_eager=enforce_eager, load_format=load_format,
-                              tensor_parallel_size=tensor_parallel_size)
+                              tensor_parallel_size=tensor_parallel_size,
+                              async_scheduling=async_scheduling)
         self.engine = Engine(model, config, device=device, dtype=dtype)
         self.tokenizer = self.engine.tokenizer
         self._counter = itertools.count()

@@ -18,9 +18,12 @@ class RequestStatus(enum.Enum):
 class Request:
     """One generation request.
 
-    Invariants: ``num_computed_tokens <= len(all_token_ids)``; the K/V of the first
+    Invariants: ``num_computed_tokens <= num_tokens``; the K/V of the first
     ``num_computed_tokens`` tokens are in the blocks ``block_ids`` (in order); a WAITING
-    request holds no blocks.
+    request holds no blocks. ``num_tokens`` counts ``num_pending_tokens``: tokens sampled
+    on the device whose ids the host has not read yet (asynchronous scheduling, at most
+    two: one step in flight, the next one scheduled); ``all_token_ids`` holds the known
+    ones only.
     """
 
     request_id: str
@@ -38,6 +41,7 @@ class Request:
     # Output tokens that were already emitted before this engine saw the request (a job
     # resumed from its replay log): they are never emitted again.
     num_resumed_tokens: int = 0
+    num_pending_tokens: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -45,6 +49,11 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Known tokens plus pending ones: the index of the next token to sample."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending_tokens
+
+    @property
+    def num_known_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property

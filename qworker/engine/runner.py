@@ -10,6 +10,7 @@ the GPU: the engine's fetch of the sampled ids is the step's one synchronisation
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +23,15 @@ from qworker.model.loader import LoadedModel
 from qworker.model.ops_dispatch import kernels_module
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PendingTokens:
+    """A launched step's sampled ids, still on the device: request ``r`` sampled
+    ``ids[rows[r.request_id]]`` (asynchronous scheduling reads them from here)."""
+
+    ids: torch.Tensor               # [S] int64
+    rows: dict[str, int]
 
 _GRAPH_RESERVE = 512 << 20      # CUDA-graph pool and allocator slack, beyond the profile
 
@@ -137,26 +147,31 @@ class ModelRunner:
 
     # -- one step -------------------------------------------------------------------------
 
-    def execute(self, out: SchedulerOutput) -> torch.Tensor:
+    def execute(self, out: SchedulerOutput, pending: PendingTokens | None = None
+                ) -> torch.Tensor:
         """Run one step; return float32 logits ``[num_sampled, V]`` for the last token of
         each request whose ``ScheduledRequest.samples`` is True, in batch order.
 
         Request b contributes ``all_token_ids[start:start+n]`` at positions
         ``start..start+n-1`` with ``start = num_computed_tokens``; its ``block_ids`` must
-        already cover ``start+n`` tokens. On CUDA the result is still being computed
-        when this returns.
+        already cover ``start+n`` tokens. A decode whose token is still pending (sampled by
+        the step before, not read back) takes it from ``pending`` on the device. On CUDA
+        the result is still being computed when this returns.
         """
         if not out.scheduled:
             return torch.empty(0, self.vocab_size, dtype=torch.float32, device=self.device)
         bucket = self._decode_bucket(out)
         batch = self.builder.build(out, pad_to=bucket)
         with torch.inference_mode():
+            fill = self._pending_fill(batch, pending)
             if bucket is not None:
-                hidden = self.graphs.run(batch, bucket)                  # [B, H], all sample
+                hidden = self.graphs.run(batch, bucket, fill)            # [B, H], all sample
                 self.builder.copies_issued(batch)
                 return self.model.compute_logits(hidden)                 # [B, V] fp32
             dev = self._to_device(batch)
             self.builder.copies_issued(batch)
+            if fill is not None:
+                dev.input_ids.index_copy_(0, *fill)
             hidden = self.model(dev.input_ids, dev.positions, AttentionMetadata(
                 slot_mapping=dev.slot_mapping, query_start_loc=dev.query_start_loc,
                 seq_lens=dev.seq_lens, block_tables=dev.block_tables,
@@ -165,6 +180,22 @@ class ModelRunner:
                 return torch.empty(0, self.vocab_size, dtype=torch.float32,
                                    device=self.device)
             return self.model.compute_logits(hidden.index_select(0, dev.sample_rows))
+
+    def _pending_fill(self, batch: HostBatch, pending: PendingTokens | None
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows [P], ids [P]) on the device: the input ids of ``batch.pending``, gathered
+        from the previous step's sampled ids without reading them on the host."""
+        if not batch.pending:
+            return None
+        if pending is None:
+            raise ValueError("the batch has pending tokens but no step in flight holds them")
+        k, rows = len(batch.pending), pending.rows
+        dst, src = batch.staging.i64[4][:k], batch.staging.i64[5][:k]
+        dst.numpy()[:] = [row for row, _ in batch.pending]       # numpy: no per-item torch
+        src.numpy()[:] = [rows[req.request_id] for _, req in batch.pending]
+        dst = dst.to(self.device, non_blocking=True)
+        src = src.to(self.device, non_blocking=True)
+        return dst, pending.ids.index_select(0, src)
 
     def _decode_bucket(self, out: SchedulerOutput) -> int | None:
         """The graph bucket of a decode-only batch, or None to run eagerly."""

@@ -117,7 +117,7 @@ class SamplingBatch:
                or sp.frequency_penalty != 0.0 for sp in sps):
             batch._add_penalties(requests, V, device)
         banned = [(row, tok) for row, r in enumerate(requests)
-                  if r.num_output_tokens < r.sampling_params.min_tokens
+                  if r.num_output_tokens + r.num_pending_tokens < r.sampling_params.min_tokens
                   for tok in sorted(set(eos) | set(r.sampling_params.stop_token_ids))
                   if 0 <= tok < V]
         if banned:

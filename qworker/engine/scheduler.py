@@ -98,6 +98,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.num_pending_tokens and self._ends_by_length(req):
+                i += 1          # its last token is in flight: it finishes when that lands
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.bm.allocate_slots(req, n):
                 # Lowest priority, latest arrival among those not yet scheduled this step.
@@ -117,6 +120,8 @@ class Scheduler:
         while (self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             req = self.waiting[0]
+            if req.num_pending_tokens:
+                break           # preempted with a token in flight: back once it lands
             computed, num_cached = self.bm.get_computed_blocks(req)
             n = min(req.num_tokens - num_cached, budget)
             need = self.bm.blocks_for(num_cached + n) - len(computed)
@@ -135,20 +140,50 @@ class Scheduler:
         return out
 
     def update_from_output(self, out: SchedulerOutput, sampled: list[int]) -> list[Request]:
-        """Advance computed tokens, append sampled ids (one per sampling request, in batch
-        order) and finish requests that hit EOS, a stop token id, max_tokens or the context
-        limit. Returns the requests that finished."""
+        """``advance`` then ``resolve``: the synchronous step. Returns the requests that
+        finished."""
+        self.advance(out)
+        return self.resolve(out, sampled)
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """The step ``out`` was launched: its tokens count as computed, and each sampling
+        request has one more token pending (on the device, id not yet read)."""
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
-            self.bm.cache_full_blocks(s.request)
+            if s.samples:
+                s.request.num_pending_tokens += 1
+
+    def resolve(self, out: SchedulerOutput, sampled: list[int]) -> list[Request]:
+        """The sampled ids of an ``advance``d step (one per sampling request, in batch
+        order) are known: append them, register the blocks they filled, and finish the
+        requests that hit EOS, a stop token id, max_tokens or the context limit. A request
+        finished meanwhile (aborted, stop string) drops its token. Steps resolve in launch
+        order. Returns the requests that finished."""
+        reqs = out.sampling_requests
+        for req, token in zip(reqs, sampled, strict=True):
+            req.num_pending_tokens -= 1
+            if not req.is_finished:
+                req.output_token_ids.append(token)
+        for s in out.scheduled:
+            if s.request.status is RequestStatus.RUNNING:
+                self.bm.cache_full_blocks(s.request)
         finished = []
-        for req, token in zip(out.sampling_requests, sampled, strict=True):
-            req.output_token_ids.append(token)
+        for req, token in zip(reqs, sampled, strict=True):
+            if req.is_finished:
+                continue
             reason = self._stop_reason(req, token)
             if reason is not None:
                 self.finish(req, reason)
                 finished.append(req)
         return finished
+
+    def _ends_by_length(self, req: Request) -> bool:
+        """Whether the tokens known and pending already reach max_tokens or the context
+        limit (so scheduling ``req`` again would only compute a token to throw away)."""
+        p = req.sampling_params
+        outputs = req.num_output_tokens + req.num_pending_tokens
+        return ((p.max_tokens is not None and outputs >= p.max_tokens)
+                or req.num_tokens >= self.max_model_len)
 
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.sampling_params
@@ -157,7 +192,7 @@ class Scheduler:
                 return "stop"
         if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
             return "length"
-        if req.num_tokens >= self.max_model_len:
+        if req.num_known_tokens >= self.max_model_len:
             return "length"
         return None
 

@@ -65,6 +65,10 @@ def redis_options(f):
       help="Fraction of GPU memory for weights + KV cache.")
 @_opt("--load-format", env="LOAD_FORMAT", type=click.Choice(["auto", "dummy"]), default="auto",
       help="dummy: random weights of the checkpoint's shape (benchmarks).")
+@_opt("--async-scheduling", env="ASYNC_SCHEDULING", type=click.Choice(["auto", "on", "off"]),
+      default="auto",
+      help="Launch each step before reading the previous one's tokens (overlaps the host "
+           "with the GPU); auto: on for CUDA without tensor parallelism.")
 @_opt("--metrics-port", env="METRICS_PORT", type=click.IntRange(0, 65535), default=None,
       help="Serve Prometheus /metrics and /healthz on this port (0: any free port; with "
            "--gpus the worker of group i serves on PORT+i). Default: off.")
@@ -77,8 +81,8 @@ def redis_options(f):
 def worker(redis_url, prefix, model, name, group, gpus, tensor_parallel_size, device, dtype,
            lease_ms, max_deliveries, drain_timeout, result_ttl, max_num_seqs,
            max_num_batched_tokens, block_size, num_kv_blocks, enable_prefix_caching,
-           max_model_len, gpu_memory_utilization, load_format, metrics_port, metrics_host,
-           log_format, log_level):
+           max_model_len, gpu_memory_utilization, load_format, async_scheduling, metrics_port,
+           metrics_host, log_format, log_level):
     """Serve jobs from the Redis stream until SIGTERM (then drain and hand back)."""
     from qworker.config import EngineConfig
     from qworker.logs import configure_logging, get_logger, redact_url
@@ -102,7 +106,9 @@ def worker(redis_url, prefix, model, name, group, gpus, tensor_parallel_size, de
                               max_model_len=max_model_len,
                               gpu_memory_utilization=gpu_memory_utilization,
                               load_format=load_format,
-                              tensor_parallel_size=tensor_parallel_size)
+                              tensor_parallel_size=tensor_parallel_size,
+                              async_scheduling={"auto": None, "on": True,
+                                                "off": False}[async_scheduling])
     except ValueError as e:
         raise click.BadParameter(str(e)) from None
     if gpus is not None:
