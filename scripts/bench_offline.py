@@ -572,7 +572,7 @@ def main() -> None:
                         a.decode_context, res.get("copy_TBps"))
                     save()
             eng.async_scheduling = variants[0][1]
-            del llm, runner
+            del llm, runner, eng
             free_cuda()
 
     hf_modes = [m for m in modes if m in ("naive", "static", "hf_cb")]

