@@ -103,6 +103,7 @@ def make_engine(a):
         return toks, time.perf_counter() - t
 
     go([([1, 2, 3, 4], 4)])                                       # warm-up
+    go.engine = eng
     return go
 
 
@@ -257,18 +258,31 @@ def main() -> None:
         run_redis(r, lis, prefix, [(reqs[0][0][:16], 4)], "warmup", 600)   # worker is up
         engine(salted(reqs, 0))         # warm-up with the workload itself: compilation,
         run_redis(r, lis, prefix, salted(reqs, 0), "warmup-full", a.timeout)   # graphs...
+        beat = f"{prefix}:worker:bench"         # the worker's heartbeat hash (keys.py)
+
+        def worker_steps() -> int:
+            time.sleep(1.5)                     # a heartbeat tick after the run ended
+            return int(r.hget(beat, "steps") or 0)
+
+        steps_r = worker_steps()
         for k in range(a.repeat):       # alternate, so load from elsewhere hits both sides
+            steps_e = engine.engine.num_steps
             toks_e, dt_e = engine(salted(reqs, 1 + 2 * k))
+            steps_e = engine.engine.num_steps - steps_e
             toks_r, dt_r = run_redis(r, lis, prefix, salted(reqs, 2 + 2 * k), f"tput{k}",
                                      a.timeout)
+            steps_r, n_r = worker_steps(), steps_r
             if toks_r != toks_e:
                 raise SystemExit(f"redis produced {toks_r} tokens, the engine {toks_e}")
             pair = {"engine_tok_s": round(toks_e / dt_e, 1), "redis_tok_s": round(toks_r / dt_r, 1),
-                    "ratio": round(dt_e / dt_r, 3)}
+                    "ratio": round(dt_e / dt_r, 3), "engine_steps": steps_e,
+                    "redis_steps": steps_r - n_r,
+                    "engine_ms_per_step": round(dt_e / max(1, steps_e) * 1e3, 2),
+                    "redis_ms_per_step": round(dt_r / max(1, steps_r - n_r) * 1e3, 2)}
             res["pairs"].append(pair)
-            print(f"run {k}: engine {toks_e} tok {dt_e:.2f} s ({pair['engine_tok_s']} tok/s), "
-                  f"redis {dt_r:.2f} s ({pair['redis_tok_s']} tok/s), ratio {pair['ratio']}",
-                  flush=True)
+            print(f"run {k}: engine {toks_e} tok {dt_e:.2f} s ({pair['engine_tok_s']} tok/s, "
+                  f"{steps_e} steps), redis {dt_r:.2f} s ({pair['redis_tok_s']} tok/s, "
+                  f"{pair['redis_steps']} steps), ratio {pair['ratio']}", flush=True)
         for key in ("engine_tok_s", "redis_tok_s", "ratio"):
             res[f"median_{key}"] = statistics.median(p[key] for p in res["pairs"])
         print(f"median ratio redis / engine: {res['median_ratio']}", flush=True)

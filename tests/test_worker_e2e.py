@@ -331,6 +331,8 @@ def test_heartbeat_says_what_the_worker_holds(client, server):
     wait_for(lambda: jid in unpack(r.hget("qworker:worker:w-e2e", "jobs") or pack([])), 10,
              what="heartbeat to list the job")
     assert 0 < r.ttl("qworker:worker:w-e2e") <= 10
+    wait_for(lambda: int(r.hget("qworker:worker:w-e2e", "steps") or 0) > 0, 10,
+             what="heartbeat to count the engine's steps")
     client.cancel(jid)
     client.result(jid, timeout=10)
 

@@ -100,6 +100,7 @@ class Engine:
             raise ValueError("async_scheduling does not work with tensor_parallel_size > 1")
         self.async_scheduling = bool(async_on)
         self._inflight: _Launched | None = None  # launched, sampled ids not read yet
+        self.num_steps = self.num_batched_tokens = 0         # launched so far (stats)
         self._arrivals = 0
         self._avg_prompt_len = 256.0
 
@@ -197,6 +198,8 @@ class Engine:
     def _launch(self, sched: SchedulerOutput, prev: _Launched | None) -> _Launched:
         """Queue one step on the device: forward, sampler, and the copy of the sampled
         ids to the host; nothing here waits for the device."""
+        self.num_steps += 1
+        self.num_batched_tokens += sched.num_batched_tokens
         logits = self.runner.execute(sched, prev.pending if prev is not None else None)
         reqs = sched.sampling_requests
         ids = host = event = None
@@ -262,6 +265,8 @@ class Engine:
             "kv_blocks": bm.num_blocks,
             "preemptions": self.scheduler.num_preemptions,
             "prefix_hit_rate": round(bm.prefix_hit_tokens / max(1, bm.prefix_query_tokens), 4),
+            "steps": self.num_steps,
+            "batched_tokens": self.num_batched_tokens,
         }
 
     def close(self) -> None:
