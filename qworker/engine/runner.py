@@ -33,6 +33,7 @@ class PendingTokens:
     ids: torch.Tensor               # [S] int64
     rows: dict[str, int]
 
+
 _GRAPH_RESERVE = 512 << 20      # CUDA-graph pool and allocator slack, beyond the profile
 
 
