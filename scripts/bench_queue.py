@@ -260,25 +260,32 @@ def main() -> None:
         run_redis(r, lis, prefix, salted(reqs, 0), "warmup-full", a.timeout)   # graphs...
         beat = f"{prefix}:worker:bench"         # the worker's heartbeat hash (keys.py)
 
-        def worker_steps() -> int:
+        def worker_steps() -> tuple[int, float]:
+            """The worker engine's steps and seconds waited on the GPU, from its heartbeat."""
             time.sleep(1.5)                     # a heartbeat tick after the run ended
-            return int(r.hget(beat, "steps") or 0)
+            h = r.hmget(beat, ["steps", "gpu_wait_s"])
+            return int(h[0] or 0), float(h[1] or 0.0)
 
-        steps_r = worker_steps()
+        steps_r, wait_r = worker_steps()
         for k in range(a.repeat):       # alternate, so load from elsewhere hits both sides
-            steps_e = engine.engine.num_steps
+            eng = engine.engine
+            steps_e, wait_e = eng.num_steps, eng.wait_seconds
             toks_e, dt_e = engine(salted(reqs, 1 + 2 * k))
-            steps_e = engine.engine.num_steps - steps_e
+            steps_e, wait_e = eng.num_steps - steps_e, eng.wait_seconds - wait_e
             toks_r, dt_r = run_redis(r, lis, prefix, salted(reqs, 2 + 2 * k), f"tput{k}",
                                      a.timeout)
-            steps_r, n_r = worker_steps(), steps_r
+            (steps_r, wait_now), n_r = worker_steps(), steps_r
+            wait_r, waited_r = wait_now, wait_now - wait_r
             if toks_r != toks_e:
                 raise SystemExit(f"redis produced {toks_r} tokens, the engine {toks_e}")
             pair = {"engine_tok_s": round(toks_e / dt_e, 1), "redis_tok_s": round(toks_r / dt_r, 1),
                     "ratio": round(dt_e / dt_r, 3), "engine_steps": steps_e,
                     "redis_steps": steps_r - n_r,
                     "engine_ms_per_step": round(dt_e / max(1, steps_e) * 1e3, 2),
-                    "redis_ms_per_step": round(dt_r / max(1, steps_r - n_r) * 1e3, 2)}
+                    "redis_ms_per_step": round(dt_r / max(1, steps_r - n_r) * 1e3, 2),
+                    # share of the wall time the loop waited on the GPU (0: host-bound)
+                    "engine_gpu_wait": round(wait_e / dt_e, 3),
+                    "redis_gpu_wait": round(waited_r / dt_r, 3)}
             res["pairs"].append(pair)
             print(f"run {k}: engine {toks_e} tok {dt_e:.2f} s ({pair['engine_tok_s']} tok/s, "
                   f"{steps_e} steps), redis {dt_r:.2f} s ({pair['redis_tok_s']} tok/s, "

@@ -9,6 +9,7 @@ launched before this one's sampled ids are read). The Redis worker and the offli
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,8 @@ class Engine:
         self.async_scheduling = bool(async_on)
         self._inflight: _Launched | None = None  # launched, sampled ids not read yet
         self.num_steps = self.num_batched_tokens = 0         # launched so far (stats)
+        # time the host spent waiting for sampled ids: near 0 means host-bound
+        self.wait_seconds = 0.0
         self._arrivals = 0
         self._avg_prompt_len = 256.0
 
@@ -226,7 +229,9 @@ class Engine:
         sampled: list[int] = []
         if reqs:
             if step.event is not None:
+                t0 = time.perf_counter()
                 step.event.synchronize()
+                self.wait_seconds += time.perf_counter() - t0
             sampled = step.host.tolist()
         gone = {id(r) for r in reqs if r.is_finished}          # aborted or stopped meanwhile
         self.scheduler.resolve(step.sched, sampled)
@@ -267,6 +272,7 @@ class Engine:
             "prefix_hit_rate": round(bm.prefix_hit_tokens / max(1, bm.prefix_query_tokens), 4),
             "steps": self.num_steps,
             "batched_tokens": self.num_batched_tokens,
+            "gpu_wait_s": round(self.wait_seconds, 3),
         }
 
     def close(self) -> None:

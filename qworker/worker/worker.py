@@ -341,6 +341,7 @@ class Worker:
                 "waiting": st.get("waiting", 0), "kv_usage": st.get("kv_usage", 0.0),
                 "held": len(self.active), "tokens_out": self.tokens_out,
                 "steps": st.get("steps", 0), "preemptions": st.get("preemptions", 0),
+                "gpu_wait_s": st.get("gpu_wait_s", 0.0),
                 "draining": int(self.stopping.is_set()), "ts_ms": now_ms()}
 
     def heartbeat(self) -> dict:
