@@ -216,10 +216,10 @@ def test_worker_runs_every_protocol_script(worker, admin):
         batch = msgpack.packb([(entry, "j1", log_id, event, final, result)], use_bin_type=False)
         return worker.register_script(PUBLISH)(args=["qworker", "workers", "w1", 60, batch])
 
-    assert publish("0-1", b"event0", 0, b"") == [b"ok"]
+    assert publish("0-1", b"event0", 0, b"") == b"o"
     assert admin.xlen("qworker:log:j1") == 1
     assert run(DEAD_LETTER, [JOBS, DEAD], 0, 1000, "reason", "invalid_job") == 1
-    assert publish("0-2", b"event1", 1, b"result") == [b"ok"]
+    assert publish("0-2", b"event1", 1, b"result") == b"o"
     assert admin.get("qworker:result:j1") == b"result" and admin.xlen(JOBS) == 0
     entry = pending_entry_again(admin, worker)
     assert worker.register_script(HANDOFF)(keys=[JOBS], args=["workers", "w1", entry, b"j",

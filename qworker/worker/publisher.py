@@ -79,6 +79,9 @@ class Op:
                                                                   self.job_id is None)
 
 
+_PUBLISH_STATUS = {"o": "ok", "l": "lost", "d": "dup"}   # the PUBLISH script's reply chars
+
+
 class Publisher(threading.Thread):
     """Runs ops in order on its own connection. ``on_lost(entry_id)`` is called for each
     entry that turned out not to be ours any more (fenced), from this thread."""
@@ -164,9 +167,17 @@ class Publisher(threading.Thread):
                         log.error("publish op failed", op=call[0].kind, entry=call[0].entry_id,
                                   job_id=call[0].job_id, error=str(reply))
                     continue
-                statuses = reply if call[0].kind == "publish" else [reply]
+                if call[0].kind != "publish":
+                    self._done(call[0], reply.decode() if isinstance(reply, bytes) else reply)
+                    continue
+                statuses = reply.decode() if isinstance(reply, bytes) else reply
+                if statuses.count("o") == len(call):      # the usual case: all published
+                    for op in call:
+                        if op.final:
+                            self.holdings.release(op.entry_id)
+                    continue
                 for op, status in zip(call, statuses, strict=True):
-                    self._done(op, status.decode() if isinstance(status, bytes) else status)
+                    self._done(op, _PUBLISH_STATUS[status])
             if retry:
                 if any(str(r).startswith("NOSCRIPT") for r in replies if isinstance(r, Exception)):
                     self.r = None  # Redis restarted without our scripts: reload them

@@ -18,9 +18,11 @@ end
 # ARGV: prefix, group, consumer, ttl s, msgpack array (non-bin encoding) of
 #       [entry id, job id, log entry id, event bytes, final 0/1, result bytes] per job.
 # Key names follow keys.py: {prefix}:jobs, :out:{id}, :log:{id}, :result:{id}.
-# Returns per job 'ok', 'lost' (fenced: the entry is not ours) or 'dup' (another delivery
-# already wrote a different event at this seq: the job id is served elsewhere; our entry
-# is acked). Re-sending an identical event is a no-op, so a cut-off batch can be resent.
+# Returns one character per job, in order (a string, so that the client parses one reply,
+# not one per job): 'o' ok, 'l' lost (fenced: the entry is not ours) or 'd' dup (another
+# delivery already wrote a different event at this seq: the job id is served elsewhere;
+# our entry is acked). Re-sending an identical event is a no-op, so a cut-off batch can be
+# resent.
 PUBLISH = OWNED + """
 local prefix, group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local jobs = prefix .. ':jobs'
@@ -28,9 +30,9 @@ local out = {}
 for i, it in ipairs(cmsgpack.unpack(ARGV[5])) do
   local entry, id, logid, ev = it[1], it[2], it[3], it[4]
   local log = prefix .. ':log:' .. id
-  local status = 'ok'
+  local status = 'o'
   if not owned(jobs, group, entry, consumer) then
-    status = 'lost'
+    status = 'l'
   else
     local added = redis.pcall('XADD', log, logid, 'event', ev)
     if type(added) == 'table' and added.err then
@@ -38,12 +40,12 @@ for i, it in ipairs(cmsgpack.unpack(ARGV[5])) do
       if #cur == 0 or cur[1][2][2] ~= ev then
         redis.call('XACK', jobs, group, entry)
         redis.call('XDEL', jobs, entry)
-        status = 'dup'
+        status = 'd'
       end
     else
       redis.call('PUBLISH', prefix .. ':out:' .. id, ev)
     end
-    if status == 'ok' then
+    if status == 'o' then
       redis.call('EXPIRE', log, ttl)
       if it[5] == 1 then
         redis.call('SET', prefix .. ':result:' .. id, it[6], 'NX', 'EX', ttl)
@@ -54,7 +56,7 @@ for i, it in ipairs(cmsgpack.unpack(ARGV[5])) do
   end
   out[i] = status
 end
-return out
+return table.concat(out)
 """
 
 # KEYS: jobs, dead.  ARGV: group, consumer, entry id, ack (0/1), maxlen, field, value, ...
