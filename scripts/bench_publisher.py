@@ -13,36 +13,21 @@ CPU time of each part. Starts its own redis-server on a free port.
 from __future__ import annotations
 
 import argparse
-import socket
-import subprocess
-import tempfile
+import sys
 import time
+from pathlib import Path
 
 import redis
 
-from qworker.metrics import WorkerMetrics
-from qworker.worker.connection import RedisSettings
-from qworker.worker.intake import Admission
-from qworker.worker.jobs import ActiveJob
-from qworker.worker.keys import Keys
-from qworker.worker.publisher import Holdings, Publisher
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_queue import start_redis  # noqa: E402
 
-
-def start_redis() -> tuple[subprocess.Popen, int]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--dir", tempfile.mkdtemp()],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    r = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            r.ping()
-            return proc, port
-        except redis.ConnectionError:
-            time.sleep(0.05)
-    raise SystemExit("redis-server did not start")
+from qworker.metrics import WorkerMetrics  # noqa: E402
+from qworker.worker.connection import RedisSettings  # noqa: E402
+from qworker.worker.intake import Admission  # noqa: E402
+from qworker.worker.jobs import ActiveJob  # noqa: E402
+from qworker.worker.keys import Keys  # noqa: E402
+from qworker.worker.publisher import Holdings, Publisher  # noqa: E402
 
 
 def main() -> None:
@@ -51,10 +36,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200)
     a = ap.parse_args()
-    proc, port = start_redis()
+    proc, url = start_redis()
     try:
         keys, consumer = Keys(), "bench"
-        r = redis.Redis(port=port)
+        r = redis.Redis.from_url(url)
         r.xgroup_create(keys.jobs, keys.group, id="0", mkstream=True)
         entries = [r.xadd(keys.jobs, {"job": b"x"}).decode() for _ in range(a.jobs)]
         r.xreadgroup(keys.group, consumer, {keys.jobs: ">"}, count=a.jobs)   # ours now
@@ -68,7 +53,7 @@ def main() -> None:
         for job in jobs:
             metrics.job_started(job.id)
         lost: list[str] = []
-        pub = Publisher(RedisSettings.from_url(f"redis://127.0.0.1:{port}/0"), keys, consumer,
+        pub = Publisher(RedisSettings.from_url(url), keys, consumer,
                         holdings, lost.append, ttl_s=600)
         wall = {"loop": 0.0, "publish": 0.0}
         cpu = dict(wall)
