@@ -94,11 +94,9 @@ class Engine:
         self.vocab_size = int(self.loaded.config.vocab_size)
         self._requests: dict[str, Request] = {}
         self._history_ids: set[str] = set()     # running requests that use penalties
-        async_on = self.config.async_scheduling
+        async_on = self.config.async_scheduling         # None: on for one CUDA device
         if async_on is None:
             async_on = self.device.type == "cuda" and self.tp is None
-        if async_on and self.tp is not None:
-            raise ValueError("async_scheduling does not work with tensor_parallel_size > 1")
         self.async_scheduling = bool(async_on)
         self._inflight: _Launched | None = None  # launched, sampled ids not read yet
         self.num_steps = self.num_batched_tokens = 0         # launched so far (stats)
