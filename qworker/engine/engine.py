@@ -99,7 +99,7 @@ class Engine:
             async_on = self.device.type == "cuda" and self.tp is None
         self.async_scheduling = bool(async_on)
         self._inflight: _Launched | None = None  # launched, sampled ids not read yet
-        self.num_steps = self.num_batched_tokens = 0         # launched so far (stats)
+        self.num_steps = 0                                   # launched so far (stats)
         # time the host spent waiting for sampled ids: near 0 means host-bound
         self.wait_seconds = 0.0
         self._arrivals = 0
@@ -200,7 +200,6 @@ class Engine:
         """Queue one step on the device: forward, sampler, and the copy of the sampled
         ids to the host; nothing here waits for the device."""
         self.num_steps += 1
-        self.num_batched_tokens += sched.num_batched_tokens
         logits = self.runner.execute(sched, prev.pending if prev is not None else None)
         reqs = sched.sampling_requests
         ids = host = event = None
@@ -269,7 +268,6 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_hit_rate": round(bm.prefix_hit_tokens / max(1, bm.prefix_query_tokens), 4),
             "steps": self.num_steps,
-            "batched_tokens": self.num_batched_tokens,
             "gpu_wait_s": round(self.wait_seconds, 3),
         }
 

@@ -213,7 +213,7 @@ class LlamaForCausalLM(nn.Module):
         linears = [lin for layer in self.model.layers
                    for lin in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        return sum(lin.prepack(lin.weight) for lin in (*linears, self.lm_head))
+        return sum(lin.prepack() for lin in (*linears, self.lm_head))
 
     # -- weights --------------------------------------------------------------------------
 

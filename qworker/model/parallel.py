@@ -93,10 +93,13 @@ class _Prepackable:
 
     packed: torch.Tensor | None = None
 
-    def prepack(self, weight: torch.Tensor) -> bool:
-        if not cpu_gemm.available(weight):
+    weight: torch.Tensor
+
+    def prepack(self) -> bool:
+        """Pack ``weight`` for ``cpu_gemm``; False (nothing done) where that does not apply."""
+        if not cpu_gemm.available(self.weight):
             return False
-        self.packed = cpu_gemm.pack(weight)
+        self.packed = cpu_gemm.pack(self.weight)
         return True
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor,

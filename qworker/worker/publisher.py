@@ -173,7 +173,7 @@ class Publisher(threading.Thread):
                 statuses = reply.decode() if isinstance(reply, bytes) else reply
                 if statuses.count("o") == len(call):      # the usual case: all published
                     for op in call:
-                        if op.final:
+                        if op.releases:
                             self.holdings.release(op.entry_id)
                     continue
                 for op, status in zip(call, statuses, strict=True):
