@@ -10,13 +10,14 @@ from .activation import silu_and_mul
 from .attention import paged_attention
 from .cache import store_kvcache
 from .norm import fused_add_rms_norm, rms_norm
-from .rotary import apply_rotary
+from .rotary import apply_rotary, rotary_and_store_kv
 
 __all__ = [
     "apply_rotary",
     "fused_add_rms_norm",
     "paged_attention",
     "rms_norm",
+    "rotary_and_store_kv",
     "silu_and_mul",
     "store_kvcache",
 ]

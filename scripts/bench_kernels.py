@@ -6,7 +6,7 @@ copy, for the launch heuristic and, with --sweep, for a sweep of tile/warps/stag
 prefill attention against torch SDPA; the small kernels against their torch references.
 Times are medians of triton.testing.do_bench (CUDA events), after warm-up.
 
-    python scripts/bench_kernels.py [--sweep] [--quick] [--out DIR]
+    python scripts/bench_kernels.py [--sweep] [--quick] [--only SECTION,...] [--out DIR]
 """
 
 from __future__ import annotations
@@ -254,6 +254,9 @@ def small_kernels_section() -> None:
          2 * t * (HQ + HKV) * D * e),
         ("store_kvcache [4096x8x128]", lambda m: m.store_kvcache(k, v, kc, vc, slots),
          4 * t * HKV * D * e),
+        ("rotary_and_store_kv [4096x...]",
+         lambda m: m.rotary_and_store_kv(q, k, v, pos, cs, kc, vc, slots),
+         2 * t * (HQ + 2 * HKV) * D * e),
     ]
     log(f"{'kernel':32s} {'triton ms':>10} {'GB/s':>7} {'graph ms':>9} {'GB/s':>7} "
         f"{'torch ms':>10} {'speedup':>8}")
@@ -271,6 +274,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs")
     ap.add_argument("--quick", action="store_true", help="two decode shapes only")
+    ap.add_argument("--only", default="decode,small,prefill",
+                    help="comma-separated sections to run (default: all)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -287,9 +292,14 @@ def main() -> None:
     log(f"device copy bandwidth (read + write): {copy_bw:.2f} TB/s; "
         f"read-only stream: {read_bw:.2f} TB/s")
     path = os.path.join(args.out, "bench_kernels.json")
-    for section in (lambda: decode_section(copy_bw, args.sweep, args.quick),
-                    small_kernels_section, lambda: prefill_section(args.sweep)):
-        section()
+    sections = {"decode": lambda: decode_section(copy_bw, args.sweep, args.quick),
+                "small": small_kernels_section, "prefill": lambda: prefill_section(args.sweep)}
+    chosen = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = sorted(set(chosen) - set(sections))
+    if unknown:
+        ap.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(sections)}")
+    for name in chosen:
+        sections[name]()
         results["wall_s"] = time.time() - t0
         with open(path, "w") as f:      # after each section: a timeout keeps what was done
             json.dump(results, f, indent=1)

@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 from qworker.model.ops_dispatch import (
-    apply_rotary,
     fused_add_rms_norm,
     paged_attention,
     rms_norm,
     rope_cos_sin_cache,
+    rotary_and_store_kv,
     silu_and_mul,
-    store_kvcache,
 )
 from qworker.model.parallel import (
     SINGLE,
@@ -106,9 +105,9 @@ class Attention(nn.Module):
         if self.qk_norm:                                        # Qwen3: per-head RMSNorm
             q = rms_norm(q.reshape(-1, self.d), self.q_norm, self.eps).view(t, self.hq, self.d)
             k = rms_norm(k.reshape(-1, self.d), self.k_norm, self.eps).view(t, self.hkv, self.d)
-        q, k = apply_rotary(q, k, positions, cos_sin)
         k_cache, v_cache = attn.kv_caches[layer]
-        store_kvcache(k, v, k_cache, v_cache, attn.slot_mapping)
+        q = rotary_and_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache,
+                                attn.slot_mapping)              # k, v: rotated into the cache
         o = paged_attention(q, k_cache, v_cache, attn.query_start_loc, attn.seq_lens,
                             attn.block_tables, self.scale)      # [T, Hq, D]
         return self.o_proj(o.reshape(t, self.hq * self.d))    # all-reduced: [T, H]

@@ -101,6 +101,19 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     v_cache.view(nb * bs, hkv, d).index_copy_(0, slots, value.to(v_cache.dtype))
 
 
+def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> torch.Tensor:
+    """``apply_rotary`` to q and k, then ``store_kvcache`` of the rotated k and v.
+
+    Returns the rotated q [T, Hq, D] (attention reads k and v from the cache).
+    """
+    q, k = apply_rotary(q, k, positions, cos_sin_cache)
+    store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float) -> torch.Tensor:

@@ -19,8 +19,9 @@ from qworker.model import ops
 from qworker.model.ops import rope_cos_sin_cache
 
 __all__ = [
-    "apply_rotary", "fused_add_rms_norm", "kernels_module", "paged_attention", "rms_norm",
-    "rope_cos_sin_cache", "silu_and_mul", "store_kvcache",
+    "apply_rotary", "fused_add_rms_norm", "kernels_module", "paged_attention",
+    "rms_norm", "rope_cos_sin_cache", "rotary_and_store_kv", "silu_and_mul",
+    "store_kvcache",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,14 @@ def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
     _pick("store_kvcache", key)(key, value, k_cache, v_cache, slot_mapping)
 
 
+def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                        k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> torch.Tensor:
+    return _pick("rotary_and_store_kv", q)(q, k, v, positions, cos_sin_cache, k_cache,
+                                           v_cache, slot_mapping)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                     block_tables: torch.Tensor, scale: float) -> torch.Tensor:
@@ -83,5 +92,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 for _f in (rms_norm, fused_add_rms_norm, silu_and_mul, apply_rotary, store_kvcache,
-           paged_attention):
+           rotary_and_store_kv, paged_attention):
     _f.__doc__ = getattr(ops, _f.__name__).__doc__
