@@ -134,6 +134,37 @@ def test_store_kvcache_writes_slots_and_skips_padding(size: str, gen: torch.Gene
     assert torch.equal(v_cache.nan_to_num(7.0), v_ref.nan_to_num(7.0))
 
 
+@pytest.mark.parametrize("size", [SMALL, REAL])
+@pytest.mark.parametrize("rotary_factor", [1.0, 0.5])
+def test_rotary_and_store_kv_equals_rotary_then_store(size: str, rotary_factor: float,
+                                                     gen: torch.Generator) -> None:
+    """The fused kernel writes exactly what apply_rotary + store_kvcache write (bitwise:
+    same float32 math, same rounding), skips padding slots, and matches the torch ops."""
+    t, hq, hkv, d, nb, bs = (7, 4, 2, 64, 4, 16) if size == "small" else (
+        1000, 32, 8, 128, 256, 16)
+    dt = DTYPE[size]
+    cache = ops.rope_cos_sin_cache(d, 20000, 500000.0, None, rotary_factor, DEVICE)
+    qkv = randn(gen, t, (hq + 2 * hkv) * d, dtype=dt)             # a fused projection
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    pos = torch.randint(0, 20000, (t,), generator=gen, device=DEVICE)
+    slots = torch.randperm(nb * bs, generator=gen, device=DEVICE)[:t]
+    slots[1::3] = -1                                                 # padding rows
+    caches = [torch.full((nb, bs, hkv, d), float("nan"), dtype=dt, device=DEVICE)
+              for _ in range(6)]
+    q_out = K.rotary_and_store_kv(q, k, v, pos, cache, caches[0], caches[1], slots)
+    q_two, k_two = K.apply_rotary(q, k, pos, cache)
+    K.store_kvcache(k_two, v, caches[2], caches[3], slots)
+    q_ref = ops.rotary_and_store_kv(q, k, v, pos, cache, caches[4], caches[5], slots)
+    assert torch.equal(q_out, q_two)
+    for fused, two, ref in ((caches[0], caches[2], caches[4]), (caches[1], caches[3], caches[5])):
+        assert torch.equal(fused.nan_to_num(7.0), two.nan_to_num(7.0))
+        written = ~ref.isnan()
+        assert int(written.sum()) == int((slots >= 0).sum()) * hkv * d
+        assert torch.equal(fused.isnan(), ref.isnan())               # padding left alone
+        assert_close(fused[written], ref[written], TOL[size])
+    assert_close(q_out, q_ref, TOL[size])
+
+
 # ------------------------------------------------------------------------- paged attention
 
 def make_batch(gen: torch.Generator, specs: list[tuple[int, int]], block_size: int,
