@@ -6,13 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_out, last_dim_contiguous
+from ._utils import check_out, last_dim_contiguous, pdl_options, pdl_wait
 
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, inter,
-                         BLOCK: tl.constexpr):
+                         BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     # grid (T, cdiv(I, BLOCK)); x row: [gate (I) | up (I)], out row: [I]
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < inter
@@ -33,5 +34,6 @@ def silu_and_mul(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.T
         return out
     block = min(2048, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](
-        x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4)
+        x, out, x.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4,
+        **pdl_options(x.device))
     return out

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_out, last_dim_contiguous, next_pow2, sm_count
+from ._utils import check_out, last_dim_contiguous, next_pow2, pdl_options, pdl_wait, sm_count
 
 _LOG2E = 1.4426950408889634
 
@@ -52,11 +52,13 @@ def _paged_attention_kernel(
         stride_cb, stride_cr, stride_ch, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-        TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr):
+        TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+        USE_PDL: tl.constexpr):
     # grid (T // BLOCK_Q + B, Hkv, NUM_SPLITS)
     # q, out: [T, Hq, D]; caches: [num_blocks, BLOCK_SIZE, Hkv, D]; block_tables: [B, M]
     # part_acc: [T, Hq, NUM_SPLITS, D] f32; part_ml: [2, T, Hq, NUM_SPLITS] f32 (max, sum),
     # ml_plane = T * Hq * NUM_SPLITS
+    pdl_wait(USE_PDL)
     qblock = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -139,8 +141,10 @@ def _paged_attention_kernel(
 @triton.jit
 def _merge_splits_kernel(part_acc_ptr, part_ml_ptr, out_ptr, ml_plane, stride_ot, stride_oh,
                          NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
-                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+                         USE_PDL: tl.constexpr):
     # grid (T, Hq): out[t, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s
+    pdl_wait(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     row = tok * tl.num_programs(1) + head
@@ -266,12 +270,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         GROUP=group, HEAD_DIM=d, D_PAD=d_pad, BLOCK_SIZE=bs, BLOCK_M=config.block_m,
         BLOCK_Q=block_q, TILE_N=config.tile_n, NUM_SPLITS=splits,
         IEEE=q.dtype == torch.float32,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options(q.device))
     if splits > 1:
         _merge_splits_kernel[(t, hq)](
             part_acc, part_ml, out, ml_plane, out.stride(0), out.stride(1),
             NUM_SPLITS=splits, S_PAD=max(2, next_pow2(splits)), HEAD_DIM=d, D_PAD=d_pad,
-            num_warps=4)
+            num_warps=4, **pdl_options(q.device))
     return out
 
 

@@ -6,14 +6,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_out, last_dim_contiguous, next_pow2
+from ._utils import check_out, last_dim_contiguous, next_pow2, pdl_options, pdl_wait
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
                      stride_x, stride_res, stride_out, stride_sum, hidden, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+                     USE_PDL: tl.constexpr):
     # grid (T,); one program normalises one row of `hidden` (<= BLOCK) elements.
+    pdl_wait(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     ok = offs < hidden
@@ -39,7 +41,7 @@ def _launch(x, residual, weight, eps, out, sum_out):
         x, residual if has_res else x, weight, out, sum_out if has_res else out,
         x.stride(0), residual.stride(0) if has_res else 0, out.stride(0),
         sum_out.stride(0) if has_res else 0, hidden, float(eps),
-        HAS_RESIDUAL=has_res, BLOCK=block, num_warps=num_warps)
+        HAS_RESIDUAL=has_res, BLOCK=block, num_warps=num_warps, **pdl_options(x.device))
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor) -> None:

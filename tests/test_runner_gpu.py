@@ -117,6 +117,32 @@ def test_graph_replay_is_bitwise_the_eager_forward_of_the_same_padded_batch(engi
         engine.abort(rid)
 
 
+def test_programmatic_dependent_launch_changes_no_bit(engine, monkeypatch):
+    """On Hopper the Triton kernels launch with programmatic dependent launch: each may
+    start while the kernel before it drains and must wait before touching memory. A
+    missing wait would read stale inputs; the graphs (captured with PDL) must compute
+    exactly what an eager forward launched without it computes."""
+    from qworker_kernels._utils import use_pdl
+
+    runner = engine.runner
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert use_pdl(torch.device("cuda")) == hopper
+    ids = run_to_decode(engine, prompts(7, 2))
+    out = engine.scheduler.schedule()
+    g = runner.graphs
+    bucket = g.bucket_for(7, 1)
+    logits = runner.execute(out)                                  # graph replay, PDL
+    monkeypatch.setenv("QWORKER_PDL", "0")
+    assert not use_pdl(torch.device("cuda"))
+    with torch.inference_mode():
+        eager = runner.model(g.input_ids[:bucket], g.positions[:bucket], g._attn(bucket))
+        ref = runner.model.compute_logits(eager[:7])
+    assert torch.equal(logits, ref)
+    engine.scheduler.update_from_output(out, logits.argmax(-1).tolist())
+    for rid in ids:
+        engine.abort(rid)
+
+
 # Measured on the H200 (2026-11-29): 37/40 requests identical over 12 greedy tokens, the
 # other three diverging at tokens 4-6. Eager decode runs other shapes than the graphs (M
 # unpadded, the batch's own block-table width, hence another attention split count), so
