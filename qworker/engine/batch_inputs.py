@@ -56,6 +56,17 @@ def tokens_of(req: Request, start: int, end: int) -> list[int]:
     return prompt[start:] + req.output_token_ids[:end - n]
 
 
+def fill_input_ids(input_ids: torch.Tensor,
+                   fill: tuple[torch.Tensor | int, torch.Tensor]) -> None:
+    """Write a batch's pending ids into its device ``input_ids``: ``fill`` = (rows, ids)
+    from ``ModelRunner._pending_fill``; an int rows P means rows 0..P-1, in order."""
+    rows, ids = fill
+    if isinstance(rows, int):
+        input_ids[:rows].copy_(ids)
+    else:
+        input_ids.index_copy_(0, rows, ids)
+
+
 class _Staging:
     """One set of reusable CPU buffers (grown on demand) and the event behind its copies."""
 

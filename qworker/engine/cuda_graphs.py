@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from qworker.engine.batch_inputs import HostBatch
+from qworker.engine.batch_inputs import HostBatch, fill_input_ids
 from qworker.model.llama import AttentionMetadata, LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,17 @@ class DecodeGraphs:
                  self.buckets[0], self.buckets[-1], self.capture_seconds)
 
     def run(self, batch: HostBatch, bucket: int,
-            fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            fill: tuple[torch.Tensor | int, torch.Tensor] | None = None) -> torch.Tensor:
         """Copy ``batch`` (padded to ``bucket`` rows) into the buffers and replay:
         hidden states ``[B, H]`` of the real rows. ``fill`` = (rows, ids) on the device
-        overwrites those input ids (tokens pending from the step before)."""
+        overwrites those input ids (tokens pending from the step before; see
+        ``batch_inputs.fill_input_ids``)."""
         b, m = batch.num_reqs, batch.block_tables.shape[1]
         if batch.num_tokens != bucket:
             raise ValueError(f"batch padded to {batch.num_tokens} rows, bucket is {bucket}")
         self.input_ids[:bucket].copy_(batch.input_ids, non_blocking=True)
         if fill is not None:
-            self.input_ids.index_copy_(0, *fill)
+            fill_input_ids(self.input_ids, fill)
         self.positions[:bucket].copy_(batch.positions, non_blocking=True)
         self.slot_mapping[:bucket].copy_(batch.slot_mapping, non_blocking=True)
         self.seq_lens[:bucket].copy_(batch.seq_lens, non_blocking=True)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from qworker.config import EngineConfig
-from qworker.engine.batch_inputs import BatchBuilder, HostBatch
+from qworker.engine.batch_inputs import BatchBuilder, HostBatch, fill_input_ids
 from qworker.engine.cuda_graphs import DecodeGraphs
 from qworker.engine.scheduler import SchedulerOutput
 from qworker.model.llama import AttentionMetadata
@@ -172,7 +173,7 @@ class ModelRunner:
             dev = self._to_device(batch)
             self.builder.copies_issued(batch)
             if fill is not None:
-                dev.input_ids.index_copy_(0, *fill)
+                fill_input_ids(dev.input_ids, fill)
             hidden = self.model(dev.input_ids, dev.positions, AttentionMetadata(
                 slot_mapping=dev.slot_mapping, query_start_loc=dev.query_start_loc,
                 seq_lens=dev.seq_lens, block_tables=dev.block_tables,
@@ -183,17 +184,22 @@ class ModelRunner:
             return self.model.compute_logits(hidden.index_select(0, dev.sample_rows))
 
     def _pending_fill(self, batch: HostBatch, pending: PendingTokens | None
-                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+                      ) -> tuple[torch.Tensor | int, torch.Tensor] | None:
         """(rows [P], ids [P]) on the device: the input ids of ``batch.pending``, gathered
-        from the previous step's sampled ids without reading them on the host."""
+        from the previous step's sampled ids without reading them on the host. rows is
+        an int P when they are rows 0..P-1 fed by ids 0..P-1 in order (a steady decode
+        batch): then one device copy fills them, with nothing to upload."""
         if not batch.pending:
             return None
         if pending is None:
             raise ValueError("the batch has pending tokens but no step in flight holds them")
         k, rows = len(batch.pending), pending.rows
         dst, src = batch.staging.i64[4][:k], batch.staging.i64[5][:k]
-        dst.numpy()[:] = [row for row, _ in batch.pending]       # numpy: no per-item torch
-        src.numpy()[:] = [rows[req.request_id] for _, req in batch.pending]
+        d, s = dst.numpy(), src.numpy()
+        d[:] = [row for row, _ in batch.pending]                  # numpy: no per-item torch
+        s[:] = [rows[req.request_id] for _, req in batch.pending]
+        if d[-1] == k - 1 and s[-1] == k - 1 and (d == s).all() and (np.diff(d) == 1).all():
+            return k, pending.ids[:k]
         dst = dst.to(self.device, non_blocking=True)
         src = src.to(self.device, non_blocking=True)
         return dst, pending.ids.index_select(0, src)

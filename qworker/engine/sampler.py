@@ -62,16 +62,18 @@ class SamplingBatch:
     """Per-row sampling state for one step, already on the logits' device.
 
     Rows follow the order of the requests given to ``from_requests``. Optional tensors are
-    None when no row of the batch needs them (so the sampler skips that stage).
+    None when no row of the batch needs them (so the sampler skips that stage); the seven
+    per-row tensors of a random draw are None when every row is greedy (no copies to the
+    device for them: a greedy decode step then copies nothing here).
     """
 
-    temperature: torch.Tensor           # [B] float32, 1.0 on greedy rows
-    greedy: torch.Tensor                # [B] bool
-    top_k: torch.Tensor                 # [B] int64 in [1, V] (V = off)
-    top_p: torch.Tensor                 # [B] float32 in (0, 1]
-    min_p: torch.Tensor                 # [B] float32 in [0, 1]
-    seeds: torch.Tensor                 # [B] int64
-    positions: torch.Tensor             # [B] int64: index of the token being sampled
+    temperature: torch.Tensor | None    # [B] float32, 1.0 on greedy rows
+    greedy: torch.Tensor | None         # [B] bool
+    top_k: torch.Tensor | None          # [B] int64 in [1, V] (V = off)
+    top_p: torch.Tensor | None          # [B] float32 in (0, 1]
+    min_p: torch.Tensor | None          # [B] float32 in [0, 1]
+    seeds: torch.Tensor | None          # [B] int64
+    positions: torch.Tensor | None      # [B] int64: index of the token being sampled
     all_greedy: bool
     needs_filter: bool                  # some sampling row uses top-k, top-p or min-p
     repetition_penalty: torch.Tensor | None = None   # [B] float32
@@ -100,19 +102,23 @@ class SamplingBatch:
         def t(values: list, dtype: torch.dtype) -> torch.Tensor:
             return _to_device(torch.tensor(values, dtype=dtype), device)
 
-        batch = cls(
-            temperature=t([1.0 if g else sp.temperature
-                           for g, sp in zip(greedy, sps, strict=True)], torch.float32),
-            greedy=t(greedy, torch.bool),
-            top_k=t(top_k, torch.int64),
-            top_p=t([sp.top_p for sp in sps], torch.float32),
-            min_p=t([sp.min_p for sp in sps], torch.float32),
-            seeds=t([r.seed for r in requests], torch.int64),
-            positions=t([r.num_tokens for r in requests], torch.int64),
-            all_greedy=all(greedy),
-            needs_filter=any(not g and (k < V or sp.top_p < 1.0 or sp.min_p > 0.0)
-                             for g, k, sp in zip(greedy, top_k, sps, strict=True)),
-        )
+        if all(greedy):
+            batch = cls(None, None, None, None, None, None, None, all_greedy=True,
+                        needs_filter=False)
+        else:
+            batch = cls(
+                temperature=t([1.0 if g else sp.temperature
+                               for g, sp in zip(greedy, sps, strict=True)], torch.float32),
+                greedy=t(greedy, torch.bool),
+                top_k=t(top_k, torch.int64),
+                top_p=t([sp.top_p for sp in sps], torch.float32),
+                min_p=t([sp.min_p for sp in sps], torch.float32),
+                seeds=t([r.seed for r in requests], torch.int64),
+                positions=t([r.num_tokens for r in requests], torch.int64),
+                all_greedy=False,
+                needs_filter=any(not g and (k < V or sp.top_p < 1.0 or sp.min_p > 0.0)
+                                 for g, k, sp in zip(greedy, top_k, sps, strict=True)),
+            )
         if any(sp.repetition_penalty != 1.0 or sp.presence_penalty != 0.0
                or sp.frequency_penalty != 0.0 for sp in sps):
             batch._add_penalties(requests, V, device)
