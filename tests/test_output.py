@@ -121,6 +121,30 @@ def test_any_token_sequence_in_any_batching_joins_to_the_full_decode(tok, pool, 
     assert joined(outs) == tok.decode(ids, skip_special_tokens=skip)
 
 
+class WindowDecodesOnly:
+    """The tokenizer with only ``decode``: the OutputProcessor's Python window decodes."""
+
+    def __init__(self, tok):
+        self.decode = tok.decode
+
+
+def test_a_fast_tokenizer_streams_through_rust(tok):
+    assert OutputProcessor(tok)._rust is not None
+    assert OutputProcessor(WindowDecodesOnly(tok))._rust is None
+
+
+@settings(_FIXTURES_OK, max_examples=150)
+@given(data=st.data(), skip=st.booleans())
+def test_rust_stream_and_window_decodes_emit_the_same_deltas(tok, pool, data, skip):
+    """Clients see the same deltas, step by step, whichever decoder runs."""
+    ids, batches = draw_batches(data, pool)
+    stop = ["STOP", "\n\n"] if data.draw(st.booleans()) else None
+    fast = run(tok, ids, batches=batches, skip_special_tokens=skip, stop=stop)
+    window = run(WindowDecodesOnly(tok), ids, batches=batches, skip_special_tokens=skip,
+                 stop=stop)
+    assert fast == window
+
+
 @settings(_FIXTURES_OK, max_examples=60)
 @given(data=st.data())
 def test_emitted_text_does_not_depend_on_batching(tok, pool, data):

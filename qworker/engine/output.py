@@ -6,6 +6,12 @@ read_offset])``; while the window's text ends in U+FFFD (a UTF-8 character split
 tokens) nothing is emitted. The deltas of a request concatenate to exactly
 ``tokenizer.decode(output_ids, skip_special_tokens=...)`` (truncated before a stop string).
 
+With a Hugging Face fast tokenizer (and no ``clean_up_tokenization_spaces``) the same
+text comes from the Rust ``tokenizers.decoders.DecodeStream``, one call per token,
+2.6-3.1x cheaper than the two window decodes (``scripts/bench_detokenize.py``: 0.66-0.80
+vs 1.73-2.48 ms a step of 256 requests on this project's 2-core CPU); a character still
+incomplete when the request finishes is flushed from one full decode of its output.
+
 Stop strings are never leaked: the longest tail of the text that could still grow into a
 stop string is held back, and released when it turns out not to be one or when the
 request finishes for another reason. Tokens are detokenized one at a time, so what has
@@ -23,7 +29,23 @@ from typing import Any
 
 from qworker.sampling_params import SamplingParams
 
+try:
+    from tokenizers import Tokenizer as _RustTokenizer
+    from tokenizers.decoders import DecodeStream
+except ImportError:             # an old tokenizers: the window decodes serve everyone
+    _RustTokenizer = DecodeStream = None
+
 _REPLACEMENT = "\ufffd"
+
+
+def _stream_backend(tokenizer: Any) -> Any:
+    """The Rust tokenizer under a HF fast tokenizer whose ``decode`` is exactly its own
+    (no Python clean-up of spaces), or None: then the window decodes are used."""
+    rust = getattr(tokenizer, "_tokenizer", None)
+    if (DecodeStream is None or not isinstance(rust, _RustTokenizer)
+            or getattr(tokenizer, "clean_up_tokenization_spaces", False)):
+        return None
+    return rust
 
 
 @dataclass(slots=True)
@@ -36,6 +58,9 @@ class _RequestText:
     read_offset: int = 0       # tokens up to here are emitted (or held for stop strings)
     held: str = ""             # decoded text held back: could be the start of a stop string
     stopped: bool = False
+    stream: Any = None         # DecodeStream (fast tokenizers); offsets then unused
+    streamed: int = 0          # characters the stream has produced
+    incomplete: bool = False   # the stream holds bytes of a character not yet complete
 
 
 class OutputProcessor:
@@ -44,6 +69,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         """tokenizer: a Hugging Face tokenizer (anything with ``decode(ids, skip_special_tokens)``)."""
         self.tokenizer = tokenizer
+        self._rust = _stream_backend(tokenizer)
         self._requests: dict[str, _RequestText] = {}
 
     def add_request(self, request_id: str, prompt_token_ids: Sequence[int],
@@ -62,6 +88,8 @@ class OutputProcessor:
         if request_id in self._requests:
             raise ValueError(f"request {request_id!r} is already being processed")
         state = _RequestText(params)
+        if self._rust is not None:
+            state.stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
         if output_token_ids:
             replayed, stopped = self._advance(state, list(output_token_ids), finished=False)
             if emitted_text is not None and not stopped:
@@ -123,8 +151,10 @@ class OutputProcessor:
         """Text that the tokens beyond ``read_offset`` add; "" while a character is split
         across tokens (the decode ends in U+FFFD), unless ``flush``."""
         ids = state.token_ids
-        if state.read_offset == len(ids):
+        if state.read_offset == len(ids) and not (flush and state.incomplete):
             return ""
+        if state.stream is not None:
+            return self._stream_step(state, flush)
         skip = state.params.skip_special_tokens
         prefix_text = self.tokenizer.decode(ids[state.prefix_offset:state.read_offset],
                                             skip_special_tokens=skip)
@@ -134,6 +164,23 @@ class OutputProcessor:
             return ""
         state.prefix_offset, state.read_offset = state.read_offset, len(ids)
         return new_text[len(prefix_text):]
+
+    def _stream_step(self, state: _RequestText, flush: bool) -> str:
+        """``_decode_step`` through the request's DecodeStream."""
+        ids = state.token_ids
+        text = ""
+        for token_id in ids[state.read_offset:]:
+            chunk = state.stream.step(self._rust, token_id)
+            state.incomplete = chunk is None
+            if chunk:
+                text += chunk
+        state.read_offset = len(ids)
+        state.streamed += len(text)
+        if flush and state.incomplete:      # what the stream still holds, as decode() has it
+            full = self.tokenizer.decode(ids, skip_special_tokens=state.params.skip_special_tokens)
+            text += full[state.streamed:]
+            state.streamed, state.incomplete = len(full), False
+        return text
 
 
 def _partial_stop_len(text: str, stops: Sequence[str]) -> int:
