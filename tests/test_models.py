@@ -21,7 +21,10 @@ from qworker.model.loader import load_model
 from qworker.sampling_params import SamplingParams
 
 TINY_ARCHS = ("llama", "llama3", "mistral", "qwen2", "qwen3")   # as in conftest.py
-ATOL, RTOL = 1e-4, 1e-5       # float32 against float32: rounding only
+# float32 against float32, rounding only: the packed oneDNN GEMMs sum in another order
+# than F.linear, and by the CPU's instruction set (logits of |x| ~ 20 differed by up to
+# 2.1e-4 on an AMD EPYC); a wrong slot, position or mask is off by O(1)
+ATOL, RTOL = 1e-3, 1e-4
 BLOCK = 16
 MAX_BLOCKS_PER_REQUEST = 8
 
