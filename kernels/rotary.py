@@ -39,6 +39,18 @@ def _rotate_heads(x_ptr, out_ptr, stride_xt, stride_xh, stride_ot, stride_oh, to
 
 
 @triton.jit
+def _cos_sin(pos_ptr, cache_ptr, stride_cache, tok, HALF: tl.constexpr,
+             HALF_PAD: tl.constexpr):
+    # token `tok`'s cache row [cos (HALF) | sin (HALF)] -> two [HALF_PAD] fp32 (0 past HALF)
+    pos = tl.load(pos_ptr + tok).to(tl.int64)
+    offs_j = tl.arange(0, HALF_PAD)
+    row = cache_ptr + pos * stride_cache
+    cos = tl.load(row + offs_j, mask=offs_j < HALF, other=0.0).to(tl.float32)
+    sin = tl.load(row + HALF + offs_j, mask=offs_j < HALF, other=0.0).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr,
                    stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_qot, stride_qoh, stride_kot, stride_koh, stride_cache,
@@ -47,11 +59,7 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, pos_ptr, cache_ptr,
                    HK_PAD: tl.constexpr, HALF_PAD: tl.constexpr, REST_PAD: tl.constexpr):
     # grid (T,): one program rotates every q and k head of one token.
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
-    offs_j = tl.arange(0, HALF_PAD)
-    row = cache_ptr + pos * stride_cache                      # [cos (HALF) | sin (HALF)]
-    cos = tl.load(row + offs_j, mask=offs_j < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(row + HALF + offs_j, mask=offs_j < HALF, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(pos_ptr, cache_ptr, stride_cache, tok, HALF, HALF_PAD)
     _rotate_heads(q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, tok,
                   cos, sin, num_q_heads, HALF, HEAD_DIM, HQ_PAD, HALF_PAD, REST_PAD)
     _rotate_heads(k_ptr, k_out_ptr, stride_kt, stride_kh, stride_kot, stride_koh, tok,
@@ -66,30 +74,35 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
     positions: [T] (int), cos_sin_cache: [max_pos, rot_dim] float32.
     Returns new contiguous (q, k) in their dtypes.
     """
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"apply_rotary expects q [T, Hq, D] and k [T, Hkv, D], got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
-    t, hq, d = q.shape
-    rot = cos_sin_cache.shape[-1]
-    if rot % 2 or rot > d:
-        raise ValueError(f"cos_sin_cache width {rot} must be even and <= head_dim {d}")
+    consts = _check(q, k, cos_sin_cache, "apply_rotary")
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     cache = last_dim_contiguous(cos_sin_cache)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(
         k.shape, dtype=k.dtype, device=k.device)
-    if t == 0:
+    if q.shape[0] == 0:
         return q_out, k_out
-    half = rot // 2
-    rest = d - 2 * half
-    _rotary_kernel[(t,)](
+    _rotary_kernel[(q.shape[0],)](
         q, k, q_out, k_out, positions, cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cache.stride(0),
-        hq, k.shape[1],
-        HALF=half, HEAD_DIM=d, HQ_PAD=next_pow2(hq), HK_PAD=next_pow2(k.shape[1]),
-        HALF_PAD=next_pow2(half), REST_PAD=next_pow2(rest) if rest else 0,
-        num_warps=4 if hq * d <= 4096 else 8)
+        q.shape[1], k.shape[1], **consts)
     return q_out, k_out
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+           name: str) -> dict:
+    """Validate q [T, Hq, D], k [T, Hkv, D] and the cache width; the launch constants."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"{name} expects q [T, Hq, D] and k [T, Hkv, D], got "
+                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    _, hq, d = q.shape
+    rot = cos_sin_cache.shape[-1]
+    if rot % 2 or rot > d:
+        raise ValueError(f"cos_sin_cache width {rot} must be even and <= head_dim {d}")
+    half, rest = rot // 2, d - rot
+    return dict(HALF=half, HEAD_DIM=d, HQ_PAD=next_pow2(hq), HK_PAD=next_pow2(k.shape[1]),
+                HALF_PAD=next_pow2(half), REST_PAD=next_pow2(rest) if rest else 0,
+                num_warps=4 if hq * d <= 4096 else 8)
 
 
 @triton.jit
@@ -108,11 +121,7 @@ def _rotary_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_cache_ptr, v_cache_pt
     # nothing stored). Same float32 math and rounding as _rotary_kernel + store.
     pdl_wait(USE_PDL)
     tok = tl.program_id(0).to(tl.int64)
-    pos = tl.load(pos_ptr + tok).to(tl.int64)
-    offs_j = tl.arange(0, HALF_PAD)
-    row = cache_ptr + pos * stride_cache                      # [cos (HALF) | sin (HALF)]
-    cos = tl.load(row + offs_j, mask=offs_j < HALF, other=0.0).to(tl.float32)
-    sin = tl.load(row + HALF + offs_j, mask=offs_j < HALF, other=0.0).to(tl.float32)
+    cos, sin = _cos_sin(pos_ptr, cache_ptr, stride_cache, tok, HALF, HALF_PAD)
     _rotate_heads(q_ptr, q_out_ptr, stride_qt, stride_qh, stride_qot, stride_qoh, tok,
                   cos, sin, num_q_heads, HALF, HEAD_DIM, HQ_PAD, HALF_PAD, REST_PAD)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -138,9 +147,7 @@ def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (-1: skipped). Returns the rotated q, contiguous. q/k/v may be strided views (of a
     fused qkv projection) with a contiguous last dim.
     """
-    if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
-        raise ValueError(f"rotary_and_store_kv expects q [T, Hq, D] and k [T, Hkv, D], got "
-                         f"{tuple(q.shape)} and {tuple(k.shape)}")
+    consts = _check(q, k, cos_sin_cache, "rotary_and_store_kv")
     if v.shape != k.shape:
         raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)}")
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
@@ -149,24 +156,16 @@ def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if tuple(k.shape[1:]) != (hkv, d) or k_cache.stride(-1) != 1:
         raise ValueError(f"k/v must be [T, {hkv}, {d}] for this cache (contiguous last "
                          f"dim), got {tuple(k.shape)}")
-    t, hq, _ = q.shape
-    rot = cos_sin_cache.shape[-1]
-    if rot % 2 or rot > d:
-        raise ValueError(f"cos_sin_cache width {rot} must be even and <= head_dim {d}")
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     cache = last_dim_contiguous(cos_sin_cache)
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if t == 0:
+    if q.shape[0] == 0:
         return q_out
-    half = rot // 2
-    rest = d - 2 * half
-    _rotary_store_kernel[(t,)](
+    _rotary_store_kernel[(q.shape[0],)](
         q, k, v, q_out, k_cache, v_cache, positions, slot_mapping, cache,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         q_out.stride(0), q_out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), cache.stride(0),
-        hq, hkv,
-        BLOCK_SIZE=bs, HALF=half, HEAD_DIM=d, HQ_PAD=next_pow2(hq), HK_PAD=next_pow2(hkv),
-        HALF_PAD=next_pow2(half), REST_PAD=next_pow2(rest) if rest else 0,
-        D_PAD=next_pow2(d), num_warps=4 if hq * d <= 4096 else 8, **pdl_options(q.device))
+        q.shape[1], hkv, BLOCK_SIZE=bs, D_PAD=next_pow2(d), **consts,
+        **pdl_options(q.device))
     return q_out
