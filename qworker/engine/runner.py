@@ -198,7 +198,7 @@ class ModelRunner:
         d, s = dst.numpy(), src.numpy()
         d[:] = [row for row, _ in batch.pending]                  # numpy: no per-item torch
         s[:] = [rows[req.request_id] for _, req in batch.pending]
-        if d[-1] == k - 1 and s[-1] == k - 1 and (d == s).all() and (np.diff(d) == 1).all():
+        if (d == np.arange(k)).all() and (s == d).all():
             return k, pending.ids[:k]
         dst = dst.to(self.device, non_blocking=True)
         src = src.to(self.device, non_blocking=True)

@@ -1,6 +1,7 @@
 """The ops the model calls, routed by device: Triton kernels on CUDA, torch elsewhere.
 
-Same names and signatures as ``qworker.model.ops``. ``qworker_kernels`` (the top-level
+Each has the name and signature of its ``qworker.model.ops`` reference (the model calls
+the fused ``rotary_and_store_kv``, not its two parts). ``qworker_kernels`` (the top-level
 ``kernels/`` folder) is imported lazily on the first CUDA call; if it is missing or fails
 to import, or ``QWORKER_DISABLE_KERNELS=1`` is set, every call uses the torch reference
 (with one warning when CUDA tensors meet missing kernels).
@@ -19,9 +20,8 @@ from qworker.model import ops
 from qworker.model.ops import rope_cos_sin_cache
 
 __all__ = [
-    "apply_rotary", "fused_add_rms_norm", "kernels_module", "paged_attention",
-    "rms_norm", "rope_cos_sin_cache", "rotary_and_store_kv", "silu_and_mul",
-    "store_kvcache",
+    "fused_add_rms_norm", "kernels_module", "paged_attention", "rms_norm",
+    "rope_cos_sin_cache", "rotary_and_store_kv", "silu_and_mul",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _pick("silu_and_mul", x)(x)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pick("apply_rotary", q)(q, k, positions, cos_sin_cache)
-
-
-def store_kvcache(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    _pick("store_kvcache", key)(key, value, k_cache, v_cache, slot_mapping)
-
-
 def rotary_and_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                         k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -91,6 +81,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                        block_tables, scale)
 
 
-for _f in (rms_norm, fused_add_rms_norm, silu_and_mul, apply_rotary, store_kvcache,
-           rotary_and_store_kv, paged_attention):
+for _f in (rms_norm, fused_add_rms_norm, silu_and_mul, rotary_and_store_kv, paged_attention):
     _f.__doc__ = getattr(ops, _f.__name__).__doc__
