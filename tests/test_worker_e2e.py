@@ -291,13 +291,16 @@ def test_concurrent_reclaimers_each_stale_entry_goes_to_exactly_one(server):
     r.xreadgroup(keys.group, "ghost", {keys.jobs: ">"}, count=100)   # then the ghost dies
     time.sleep(0.25)
     claims: dict[str, list[str]] = {}
+    start = threading.Barrier(4)       # all four race from the same moment (a thread that
+                                       # started early could otherwise take every entry)
 
     def reclaimer(name):
         it = Intake(keys, name, None, 49152, 512)
         it.bind(server.client())
         got = claims.setdefault(name, [])
+        start.wait(10)
         for _ in range(50):
-            got += [e for e, _, _ in it.reclaim(3, 200, set())]
+            got += [e for e, _, _ in it.reclaim(2, 200, set())]
 
     threads = [threading.Thread(target=reclaimer, args=(f"r{i}",)) for i in range(4)]
     for t in threads:
