@@ -9,12 +9,17 @@ Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
 from .activation import silu_and_mul
 from .attention import paged_attention
 from .cache import store_kvcache
+from .linear import LinearConfig, linear, linear_enabled, linear_wins
 from .norm import fused_add_rms_norm, rms_norm
 from .rotary import apply_rotary, rotary_and_store_kv
 
 __all__ = [
     "apply_rotary",
     "fused_add_rms_norm",
+    "LinearConfig",
+    "linear",
+    "linear_enabled",
+    "linear_wins",
     "paged_attention",
     "rms_norm",
     "rotary_and_store_kv",

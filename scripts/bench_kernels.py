@@ -3,7 +3,9 @@
 Measures, in one run: device copy bandwidth (the ceiling); paged decode attention at long
 context (Llama-3.1-8B heads: 32 q / 8 kv / 128, bf16) as achieved bandwidth and % of the
 copy, for the launch heuristic and, with --sweep, for a sweep of tile/warps/stages/splits;
-prefill attention against torch SDPA; the small kernels against their torch references.
+prefill attention against torch SDPA; the small kernels against their torch references;
+the decode linears (skinny GEMM) against cuBLAS on cold weights, with --sweep a sweep of
+their launch configs at one row.
 Times are medians of triton.testing.do_bench (CUDA events), after warm-up.
 
     python scripts/bench_kernels.py [--sweep] [--quick] [--only SECTION,...] [--out DIR]
@@ -270,11 +272,69 @@ def small_kernels_section() -> None:
             f"{rm:10.4f} {rm / tm:7.1f}x")
 
 
+# (name, N, K) of the decode linears: Llama-3.1-8B, then Qwen3-0.6B
+LINEAR_SHAPES = [("8b qkv", 6144, 4096), ("8b o_proj", 4096, 4096),
+                 ("8b gate_up", 28672, 4096), ("8b down", 4096, 14336),
+                 ("8b lm_head", 128256, 4096),
+                 ("0.6b qkv", 4096, 1024), ("0.6b o_proj", 1024, 2048),
+                 ("0.6b gate_up", 6144, 1024), ("0.6b down", 1024, 3072),
+                 ("0.6b lm_head", 151936, 1024)]
+LINEAR_ROWS = (1, 4, 8, 16)
+
+
+def cold_linear_us(fn, w: torch.Tensor, x: torch.Tensor) -> float:
+    """Microseconds per call of fn(x, w_i) on cold weights: one CUDA graph over enough
+    distinct copies of w (>= 256 MB, 4 x the L2) that none is read from L2, as in a
+    forward that streams every layer's weights once."""
+    copies = max(2, -(-(256 << 20) // (w.numel() * w.element_size())))
+    ws = [w.clone() for _ in range(copies)]
+    ms = graph_ms(lambda: [fn(x, wi) for wi in ws])
+    return ms * 1e3 / copies
+
+
+def linear_section(copy_bw: float, sweep: bool) -> None:
+    log("\n## decode linears: qworker_kernels.linear vs cuBLAS (F.linear), bf16, cold weights")
+    log("   us per call (TB/s of weight bytes); config (block_n, block_k, warps, stages)")
+    from qworker_kernels.linear import LinearConfig, config_for
+    configs = [LinearConfig(bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256, 512)
+               for w, s in ((4, 3), (4, 5), (8, 4))]
+    for name, n, k in LINEAR_SHAPES:
+        w = torch.randn(n, k, device="cuda", dtype=DT) * k ** -0.5
+        x = torch.randn(max(LINEAR_ROWS), k, device="cuda", dtype=DT)
+        gb = w.numel() * w.element_size() / 1e9
+        chosen = config_for(n, k)
+        if sweep:                                   # at M = 1, then the best at every M
+            timed = []
+            for c in configs:
+                try:
+                    us = cold_linear_us(lambda xi, wi, c=c: K.linear(xi, wi, config=c), w, x[:1])
+                except Exception as e:  # noqa: BLE001 - a config that does not compile
+                    log(f"   {tuple(c)}: {type(e).__name__}: {str(e)[:100]}")
+                    continue
+                if us == us:                        # graph_ms gives nan when capture fails
+                    timed.append((us, c))
+            timed.sort(key=lambda t: t[0])
+            log(f"{name:13s} best at M=1: " + "; ".join(
+                f"{tuple(c)} {us:.1f}" for us, c in timed[:4]))
+            chosen = timed[0][1]
+        for m in LINEAR_ROWS:
+            xm = x[:m]
+            cub = cold_linear_us(torch.nn.functional.linear, w, xm)
+            ours = cold_linear_us(lambda xi, wi: K.linear(xi, wi, config=chosen), w, xm)  # noqa: B023
+            results["rows"].append(dict(kind="linear", name=name, n=n, k=k, m=m,
+                                        config=list(chosen), us=ours, cublas_us=cub,
+                                        copy_tbs=copy_bw))
+            log(f"{name:13s} M={m:2d} {tuple(chosen)}: ours {ours:7.1f} ({gb / ours * 1e3:.2f}) "
+                f"cuBLAS {cub:7.1f} ({gb / cub * 1e3:.2f})  cuBLAS/ours {cub / ours:.3f}")
+        del w, x
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="sweep launch configs")
     ap.add_argument("--quick", action="store_true", help="two decode shapes only")
-    ap.add_argument("--only", default="decode,small,prefill",
+    ap.add_argument("--only", default="decode,small,prefill,linear",
                     help="comma-separated sections to run (default: all)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for json")
     args = ap.parse_args()
@@ -293,7 +353,8 @@ def main() -> None:
         f"read-only stream: {read_bw:.2f} TB/s")
     path = os.path.join(args.out, "bench_kernels.json")
     sections = {"decode": lambda: decode_section(copy_bw, args.sweep, args.quick),
-                "small": small_kernels_section, "prefill": lambda: prefill_section(args.sweep)}
+                "small": small_kernels_section, "prefill": lambda: prefill_section(args.sweep),
+                "linear": lambda: linear_section(copy_bw, args.sweep)}
     chosen = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(chosen) - set(sections))
     if unknown:

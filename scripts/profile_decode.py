@@ -11,10 +11,13 @@ graph over 16 distinct copies, as a forward streams 32 layers), and whether row 
 result changes with the row count (batch invariance).
 
 ``--ab-batches`` times the decode graph's replay at those batches (``--context`` tokens
-each), captured once per ``VARIANTS`` entry (the default, and programmatic dependent
-launch off: ``QWORKER_PDL=0``) and replayed alternately in this process.
+each), captured once per ``--variants`` entry of ``VARIANTS`` (the default; programmatic
+dependent launch off; every linear through cuBLAS, ``QWORKER_SKINNY_LINEAR=0``; one
+weight shape moved between the skinny GEMM and cuBLAS) and replayed alternately in this
+process.
 
   python scripts/profile_decode.py --shape llama8b --batch 1 [--blas] [--ab-batches 1,8,32]
+      [--variants default,cublas,gu_cublas,qo_cublas,down_ours]
 """
 
 from __future__ import annotations
@@ -41,8 +44,13 @@ def main() -> None:
     ap.add_argument("--ab-batches", default="",
                     help="batches whose decode graph replay is timed per variant")
     ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--variants", default="default,no_pdl,cublas",
+                    help=f"which of {', '.join(VARIANTS)} --ab-batches compares")
     a = ap.parse_args()
     ab = [int(b) for b in a.ab_batches.split(",") if b]
+    unknown = sorted(set(a.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         raise SystemExit("needs CUDA")
     import triton.testing
@@ -78,7 +86,7 @@ def main() -> None:
     if a.blas:
         blas_linears(model)
     if ab:
-        variant_replays(runner, ab, a.context)
+        variant_replays(runner, ab, a.context, a.variants.split(","))
 
 
 BACKENDS = ("cublas", "cublaslt")
@@ -135,21 +143,30 @@ def blas_linears(model) -> None:
         torch.backends.cuda.preferred_blas_library("default")
 
 
-VARIANTS = {                                   # name: environment while capturing
+VARIANTS = {      # name: environment while capturing, and/or skinny-GEMM table entries
     "default": {},
-    "no_pdl": {"QWORKER_PDL": "0"},
+    "no_pdl": {"env": {"QWORKER_PDL": "0"}},
+    "cublas": {"env": {"QWORKER_SKINNY_LINEAR": "0"}},
+    "gu_cublas": {"tuned": {(28672, 4096): None}},
+    "qo_cublas": {"tuned": {(6144, 4096): None, (4096, 4096): None}},
+    "down_ours": {"tuned": {(4096, 14336): (32, 512, 4, 3)}},
 }
 
 
-def variant_replays(runner, batches: list[int], context: int) -> None:
+def variant_replays(runner, batches: list[int], context: int, variants: list[str]) -> None:
     """Decode graph replay ms per batch for each variant, interleaved (5 rounds)."""
+    from qworker_kernels.linear import TUNED, LinearConfig
+
     from qworker.engine.cuda_graphs import DecodeGraphs
     bs = runner.block_size
     nblk = -(-context // bs)
     sides = {}
-    for name, env in VARIANTS.items():
+    for name in variants:
+        env, tuned = VARIANTS[name].get("env", {}), VARIANTS[name].get("tuned", {})
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        table = dict(TUNED)
+        TUNED.update({s: c and LinearConfig(*c) for s, c in tuned.items()})
         g = DecodeGraphs(runner.model, runner.kv_caches, max(batches), nblk,
                          torch.device("cuda"))
         g.capture()
@@ -160,6 +177,8 @@ def variant_replays(runner, batches: list[int], context: int) -> None:
                               .view(n, nblk) % runner.num_kv_blocks)
         g.slot_mapping[:n] = g.block_tables[:n, -1].long() * bs + (context - 1) % bs
         sides[name] = g
+        TUNED.clear()
+        TUNED.update(table)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k)

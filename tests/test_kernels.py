@@ -99,6 +99,56 @@ def test_silu_and_mul_matches_torch(size: str, gen: torch.Generator) -> None:
     assert_close(K.silu_and_mul(x, out=nan_like(x[:, :i])), ops.silu_and_mul(x), TOL[size])
 
 
+# ----------------------------------------------------------------------------- linear
+
+LINEAR_CFG = K.LinearConfig(block_n=16, block_k=32, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("size", [SMALL, REAL])
+@pytest.mark.parametrize("rows", [1, 5, 16, 37, 100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_torch(size: str, rows: int, bias: bool, gen: torch.Generator) -> None:
+    # small: K not a multiple of the K tile, N not a multiple of the N tile
+    n, k = (40, 72) if size == "small" else (6144, 4096)
+    dt = DTYPE[size]
+    x, w = randn(gen, rows, k, dtype=dt), randn(gen, n, k, dtype=dt) * k ** -0.5
+    b = randn(gen, n, dtype=dt) if bias else None
+    cfg = LINEAR_CFG if size == "small" else None
+    out = K.linear(x, w, b, out=torch.full((rows, n), float("nan"), dtype=dt, device=DEVICE),
+                   config=cfg)
+    ref = ops.linear(x.float(), w.float(), None if b is None else b.float())
+    assert_close(out, ref, TOL[size])
+
+
+@pytest.mark.parametrize("size", [SMALL, REAL])
+def test_linear_rows_do_not_depend_on_the_row_count(size: str, gen: torch.Generator) -> None:
+    """Batch invariance by construction: every row of x[:M] @ W.T is bitwise the same for
+    any M (the launch config is a function of the weight's shape only)."""
+    shapes = [(48, 64)] if size == "small" else [(6144, 4096), (4096, 4096), (4096, 14336),
+                                                  (28672, 4096), (128256, 4096)]
+    top = 40 if size == "small" else 48
+    cfg = LINEAR_CFG if size == "small" else None
+    for n, k in shapes:
+        x = randn(gen, top, k, dtype=DTYPE[size])
+        w = randn(gen, n, k, dtype=DTYPE[size]) * k ** -0.5
+        full = K.linear(x, w, config=cfg)
+        for m in (1, 2, 3, 8, 16, 17, 33, top - 1):
+            assert torch.equal(K.linear(x[:m], w, config=cfg), full[:m]), (n, k, m)
+        # and the last row alone equals its place in the batch (the third row tile)
+        assert torch.equal(K.linear(x[top - 1:], w, config=cfg), full[top - 1:]), (n, k)
+
+
+def test_linear_takes_strided_rows_and_rejects_bad_shapes(gen: torch.Generator) -> None:
+    x, w = randn(gen, 6, 2 * 64), randn(gen, 24, 64)
+    view = x[:, 64:]                                   # row stride 128, last dim contiguous
+    assert_close(K.linear(view, w, config=LINEAR_CFG), ops.linear(view, w), TOL["small"])
+    assert K.linear(x[:0, 64:], w).shape == (0, 24)
+    with pytest.raises(ValueError, match=r"x \[M, K\] and weight \[N, K\]"):
+        K.linear(x, w)
+    with pytest.raises(ValueError, match=r"bias must be \[24\]"):
+        K.linear(view, w, randn(gen, 23))
+
+
 @pytest.mark.parametrize("size", [SMALL, REAL])
 @pytest.mark.parametrize("rotary_factor", [1.0, 0.5])
 def test_apply_rotary_matches_torch_on_strided_qkv_views(size: str, rotary_factor: float,

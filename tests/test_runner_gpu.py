@@ -7,11 +7,14 @@ A random-weight Llama-shaped model (load_format="dummy", bf16) serves every test
 - the KV pool is sized from gpu_memory_utilization after the profiling forward;
 - a step queues its work without waiting on the GPU;
 - a request's output does not depend on the rest of its batch (greedy and seeded): it
-  held on the H200 for this model, alone vs with 3, 17 and 50 others. The row-wise
-  building blocks are not bitwise batch-invariant there (cuBLAS switches kernels at
-  M >= 64; the attention's split count follows the batch size): those tests are expected
-  failures that print where the bits change, so the guarantee is empirical, not by
-  construction. Mismatches are printed with where they start.
+  held on the H200 for this model, alone vs with 3, 17 and 50 others. The model's
+  linears are bitwise batch-invariant up to 16 rows (the skinny GEMM computes a row the
+  same way for any row count; cuBLAS keeps its rows for the shape it still serves). Past
+  that the building blocks are not (cuBLAS switches kernels at M >= 64 and the skinny
+  GEMM hands over to cuBLAS above 16 rows; the attention's split count follows the batch
+  size): those tests are expected failures that print where the bits change, so beyond
+  16 rows the guarantee is empirical, not by construction. Mismatches are printed with
+  where they start.
 """
 
 from __future__ import annotations
@@ -205,6 +208,23 @@ def test_matmul_rows_do_not_depend_on_the_batch_size():
         bad += differ
     print("\n" + "\n".join(report))
     assert not bad
+
+
+def test_decode_linears_rows_do_not_depend_on_the_batch_up_to_16_rows():
+    """What the model's linears compute for a row (the skinny GEMM where it wins, cuBLAS
+    elsewhere) is bitwise the same for every decode batch of 1 to 16 rows."""
+    from qworker.model.ops_dispatch import SKINNY_MAX_ROWS, linear
+
+    torch.manual_seed(0)
+    bad = []
+    for k, n in [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096), (4096, 128256),
+                 (SHAPE["hidden_size"], SHAPE["vocab_size"])]:
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k ** -0.5
+        x = torch.randn(SKINNY_MAX_ROWS, k, device="cuda", dtype=torch.bfloat16)
+        full = linear(x, w)
+        bad += [(k, n, m) for m in (1, 2, 4, 8, 15) if not torch.equal(linear(x[:m], w),
+                                                                       full[:m])]
+    assert not bad, f"rows changed with the row count at (K, N, M): {bad}"
 
 
 # Measured on the H200: row 0 changes from batch 1 at batch >= 32, where choose_config

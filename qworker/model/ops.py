@@ -26,6 +26,12 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     return rms_norm(s, weight, eps), s
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] @ weight[N, K].T (+ bias [N]) -> [M, N]."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] (gate | up) -> silu(gate) * up: [T, I]."""
     i = x.shape[-1] // 2

@@ -20,8 +20,8 @@ from qworker.model import ops
 from qworker.model.ops import rope_cos_sin_cache
 
 __all__ = [
-    "fused_add_rms_norm", "kernels_module", "paged_attention", "rms_norm",
-    "rope_cos_sin_cache", "rotary_and_store_kv", "silu_and_mul",
+    "SKINNY_MAX_ROWS", "fused_add_rms_norm", "kernels_module", "linear", "paged_attention",
+    "rms_norm", "rope_cos_sin_cache", "rotary_and_store_kv", "silu_and_mul",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _pick("fused_add_rms_norm", x)(x, residual, weight, eps)
+
+
+# Batches of up to this many rows (decode steps of <= 16 requests, short chunks) multiply
+# through the Triton skinny GEMM on CUDA, for the weight shapes where it beats cuBLAS
+# (``qworker_kernels.linear_wins``); everything else goes to cuBLAS. The kernel computes
+# a row the same way whatever the row count, so below this bound a request's linears do
+# not change with its batch; above it cuBLAS's own kernel choice applies
+# (docs/benchmarks.md, fourth session, "Batch invariance").
+SKINNY_MAX_ROWS = 16
+_SKINNY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _skinny(x: torch.Tensor, weight: torch.Tensor) -> ModuleType | None:
+    """The kernels module when ``x @ weight.T`` goes to the skinny GEMM, else None."""
+    if not (x.is_cuda and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS
+            and x.dtype in _SKINNY_DTYPES):
+        return None
+    k = kernels_module()
+    if k is None or not k.linear_enabled():
+        return None
+    return k if k.linear_wins(weight.shape[0], weight.shape[1]) else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``ops.linear``; on CUDA, x of at most ``SKINNY_MAX_ROWS`` rows in bf16/fp16 goes
+    to ``qworker_kernels.linear`` where it wins (``QWORKER_SKINNY_LINEAR=0``: never)."""
+    k = _skinny(x, weight)
+    return k.linear(x, weight, bias) if k is not None else ops.linear(x, weight, bias)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

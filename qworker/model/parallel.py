@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qworker.model import cpu_gemm
+from qworker.model.ops_dispatch import linear
 
 __all__ = [
     "ColumnParallelLinear", "ParallelLMHead", "RowParallelLinear", "Shard", "TPContext",
@@ -106,7 +107,7 @@ class _Prepackable:
                 bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed is not None:
             return cpu_gemm.packed_linear(x, self.packed, bias)
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
 
 class ColumnParallelLinear(_Prepackable, nn.Module):
@@ -162,7 +163,7 @@ class RowParallelLinear(_Prepackable, nn.Module):
 
     def local_forward(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H_in / P] -> this rank's partial sum [T, H_out], bias excluded."""
-        return F.linear(x, self.weight)
+        return linear(x, self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
