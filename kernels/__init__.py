@@ -1,9 +1,11 @@
 """Triton kernels for qworker, the GPU twins of ``qworker.model.ops``.
 
-Every public function has exactly the signature of its torch reference in
+Every kernel function has exactly the signature of its torch reference in
 ``qworker/model/ops.py`` (plus optional keyword-only arguments) and is checked against
-it by ``tests/test_kernels.py``. On a machine without CUDA the kernels run only under
-Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is imported).
+it by ``tests/test_kernels.py``. ``linear_enabled``, ``linear_wins`` and
+``LinearConfig`` tell ``qworker.model.ops_dispatch`` when the skinny GEMM serves a
+linear. On a machine without CUDA the kernels run only under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before ``triton`` is imported).
 """
 
 from .activation import silu_and_mul
