@@ -11,9 +11,9 @@ linear. On a machine without CUDA the kernels run only under Triton's interprete
 from .activation import silu_and_mul
 from .attention import paged_attention
 from .cache import store_kvcache
-from .linear import LinearConfig, linear, linear_enabled, linear_wins
 from .norm import fused_add_rms_norm, rms_norm
 from .rotary import apply_rotary, rotary_and_store_kv
+from .skinny_linear import LinearConfig, linear, linear_enabled, linear_wins
 
 __all__ = [
     "apply_rotary",

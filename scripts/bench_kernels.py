@@ -295,14 +295,16 @@ def cold_linear_us(fn, w: torch.Tensor, x: torch.Tensor) -> float:
 def linear_section(copy_bw: float, sweep: bool) -> None:
     log("\n## decode linears: qworker_kernels.linear vs cuBLAS (F.linear), bf16, cold weights")
     log("   us per call (TB/s of weight bytes); config (block_n, block_k, warps, stages)")
-    from qworker_kernels.linear import LinearConfig, config_for
+    from qworker_kernels.skinny_linear import LinearConfig, launch_config, linear_wins
     configs = [LinearConfig(bn, bk, w, s) for bn in (16, 32, 64) for bk in (128, 256, 512)
                for w, s in ((4, 3), (4, 5), (8, 4))]
     for name, n, k in LINEAR_SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=DT) * k ** -0.5
         x = torch.randn(max(LINEAR_ROWS), k, device="cuda", dtype=DT)
         gb = w.numel() * w.element_size() / 1e9
-        chosen = config_for(n, k)
+        chosen = launch_config(n, k)
+        if not linear_wins(n, k):
+            log(f"{name:13s} (the model keeps cuBLAS for this shape; kernel timed anyway)")
         if sweep:                                   # at M = 1, then the best at every M
             timed = []
             for c in configs:

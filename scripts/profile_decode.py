@@ -155,7 +155,7 @@ VARIANTS = {      # name: environment while capturing, and/or skinny-GEMM table 
 
 def variant_replays(runner, batches: list[int], context: int, variants: list[str]) -> None:
     """Decode graph replay ms per batch for each variant, interleaved (5 rounds)."""
-    from qworker_kernels.linear import TUNED, LinearConfig
+    from qworker_kernels.skinny_linear import TUNED, LinearConfig
 
     from qworker.engine.cuda_graphs import DecodeGraphs
     bs = runner.block_size

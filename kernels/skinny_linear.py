@@ -108,6 +108,12 @@ def config_for(n: int, k: int) -> LinearConfig | None:
     return TUNED[(n, k)] if (n, k) in TUNED else _default_config(n, k)
 
 
+def launch_config(n: int, k: int) -> LinearConfig:
+    """The config ``linear`` launches with for an ``[N, K]`` weight: the table's, or the
+    heuristic's where the table keeps cuBLAS (a direct call still runs the kernel)."""
+    return config_for(n, k) or _default_config(n, k)
+
+
 def linear_wins(n: int, k: int) -> bool:
     """Whether decode rows times an ``[N, K]`` weight should take this kernel."""
     return config_for(n, k) is not None
@@ -142,7 +148,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return out
     if k == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(m, n))
-    cfg = config or config_for(n, k) or _default_config(n, k)
+    cfg = config or launch_config(n, k)
     _skinny_linear_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, cfg.block_n))](
         x, weight, bias if bias is not None else weight, out, m, n, k,
         x.stride(0), weight.stride(0), out.stride(0),
