@@ -2,10 +2,16 @@
 jobs costs the worker process in Python (the GIL it takes from the loop that feeds the
 GPU), against a real redis-server.
 
-Per step: N ``ActiveJob.step`` ops (one token each, as the loop makes them), the metrics'
-``step_tokens``, and ``Publisher._send`` of those ops (event encoding, one fenced PUBLISH
-script call per batch, reply handling). Reports, per step, the wall time and the process
-CPU time of each part. Starts its own redis-server on a free port.
+Per step: N jobs' events (one token each, as the loop makes them), the metrics'
+``step_tokens``, and ``Publisher._send`` of those events (one fenced PUBLISH script call,
+reply handling). Two ways, alternated step by step in one run:
+- ``rows``: what the loop does (``ActiveJob.delta``): a row per job, one deltas op per step,
+  the event maps built by the PUBLISH script inside redis-server;
+- ``maps``: the same bookkeeping, then an event map and an ``Op`` per job, msgpack-encoded
+  by the publisher thread (the path of final events, and of every event before the
+  script built deltas).
+Reports, per step, the wall time and the process CPU time of each part, and the ratio.
+Starts its own redis-server on a free port.
 
   python scripts/bench_publisher.py --jobs 256 --steps 200
 """
@@ -13,6 +19,7 @@ CPU time of each part. Starts its own redis-server on a free port.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -27,7 +34,8 @@ from qworker.worker.connection import RedisSettings  # noqa: E402
 from qworker.worker.intake import Admission  # noqa: E402
 from qworker.worker.jobs import ActiveJob  # noqa: E402
 from qworker.worker.keys import Keys  # noqa: E402
-from qworker.worker.publisher import Holdings, Publisher  # noqa: E402
+from qworker.worker.protocol import Event, log_entry_id  # noqa: E402
+from qworker.worker.publisher import Holdings, Op, Publisher  # noqa: E402
 
 
 def main() -> None:
@@ -55,30 +63,48 @@ def main() -> None:
         lost: list[str] = []
         pub = Publisher(RedisSettings.from_url(url), keys, consumer,
                         holdings, lost.append, ttl_s=600)
-        wall = {"loop": 0.0, "publish": 0.0}
+        gc.collect()      # as the worker does before its loop: what lives now is frozen
+        gc.freeze()
+        parts = [f"{way}_{part}" for way in ("rows", "maps") for part in ("loop", "publish")]
+        wall = dict.fromkeys(parts, 0.0)
         cpu = dict(wall)
-        for step in range(a.steps + 5):             # the first 5 warm up (script load)
+        for step in range(2 * (a.steps + 5)):          # the first 5 of each warm up
+            way = ("rows", "maps")[step % 2]
             t0, c0 = time.perf_counter(), time.process_time()
-            ops = [job.step([1000 + step], " tok", False, None) for job in jobs]
+            if way == "rows":
+                ops = [Op("deltas", "", rows=[job.delta([1000 + step], " tok") for job in jobs])]
+            else:            # the same bookkeeping, then a map and an Op per job
+                ops = []
+                for job in jobs:
+                    entry, job_id, seq, ids, text = job.delta([1000 + step], " tok")
+                    ops.append(Op("publish", entry, job_id, log_entry_id(seq),
+                                  Event(job_id, seq, ids, text).to_map()))
             metrics.step_tokens([(job.id, 1) for job in jobs])
             t1, c1 = time.perf_counter(), time.process_time()
             pub._send(ops)
             t2, c2 = time.perf_counter(), time.process_time()
-            if step >= 5:
-                wall["loop"] += t1 - t0
-                wall["publish"] += t2 - t1
-                cpu["loop"] += c1 - c0
-                cpu["publish"] += c2 - c1
+            if step >= 10:
+                wall[f"{way}_loop"] += t1 - t0
+                wall[f"{way}_publish"] += t2 - t1
+                cpu[f"{way}_loop"] += c1 - c0
+                cpu[f"{way}_publish"] += c2 - c1
         if lost:
             raise SystemExit(f"{len(lost)} entries were fenced off: the bench is broken")
         events = r.xlen(keys.log(jobs[0].id))
-        if events != a.steps + 5:
-            raise SystemExit(f"job 0's replay log holds {events} events, expected {a.steps + 5}")
-        ms = {k: round(v / a.steps * 1e3, 3) for k, v in wall.items()}
-        cpu_ms = {k: round(v / a.steps * 1e3, 3) for k, v in cpu.items()}
-        print(f"per step of {a.jobs} jobs (one token each): per-job ops + metrics "
-              f"{ms['loop']} ms (cpu {cpu_ms['loop']}), publish {ms['publish']} ms wall, "
-              f"{cpu_ms['publish']} ms of it Python CPU")
+        if events != 2 * (a.steps + 5):
+            raise SystemExit(f"job 0's replay log holds {events} events, "
+                             f"expected {2 * (a.steps + 5)}")
+        ms = {k: v / a.steps * 1e3 for k, v in wall.items()}
+        cpu_ms = {k: v / a.steps * 1e3 for k, v in cpu.items()}
+        print(f"per step of {a.jobs} jobs (one token each), ms | loop: ops + metrics (cpu) | "
+              "publish: wall, Python cpu | loop + publish cpu")
+        for way in ("maps", "rows"):
+            total = cpu_ms[f"{way}_loop"] + cpu_ms[f"{way}_publish"]
+            print(f"{way:5s} | {cpu_ms[f'{way}_loop']:.3f} | {ms[f'{way}_publish']:.3f}, "
+                  f"{cpu_ms[f'{way}_publish']:.3f} | {total:.3f}")
+        ratio = ((cpu_ms["maps_loop"] + cpu_ms["maps_publish"])
+                 / (cpu_ms["rows_loop"] + cpu_ms["rows_publish"]))
+        print(f"worker-process CPU per step, maps / rows: {ratio:.2f}x")
     finally:
         proc.terminate()
 

@@ -212,8 +212,8 @@ class Intake:
             except Exception as e:  # a chat template may reject roles or orderings
                 raise JobError("invalid_prompt", f"cannot render/tokenize the prompt: "
                                f"{type(e).__name__}: {str(e)[:200]}") from None
-        bad = next((t for t in ids if t >= self.vocab_size), None)
-        if bad is not None:
+        bad = max(ids, default=None)          # C speed; the message names the largest
+        if bad is not None and bad >= self.vocab_size:
             raise JobError("invalid_prompt", f"token id {bad} is outside the vocabulary "
                            f"[0, {self.vocab_size})")
         if len(ids) >= self.max_model_len:

@@ -22,7 +22,9 @@ class ActiveJob:
     adm: Admission
     num_prompt_tokens: int = 0
     token_ids: list[int] = field(default_factory=list)
-    text: str = ""
+    # the text so far, in pieces: joined once at the end (appending to one str copies it
+    # all, every step: O(n^2) over a long job)
+    text_parts: list[str] = field(default_factory=list)
     next_seq: int = 0
     emitted_here: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -31,28 +33,43 @@ class ActiveJob:
     @classmethod
     def from_admission(cls, adm: Admission) -> ActiveJob:
         return cls(adm, len(adm.prompt_token_ids), list(adm.resumed_token_ids),
-                   adm.resumed_text, adm.next_seq)
+                   [adm.resumed_text], adm.next_seq)
 
     @property
     def id(self) -> str:
         return self.adm.job_id
 
     @property
+    def text(self) -> str:
+        """The whole output text so far."""
+        return "".join(self.text_parts)
+
+    @property
     def deadline_ms(self) -> int | None:
         return self.adm.job.deadline_ms if self.adm.job else None
 
-    def step(self, token_ids: list[int], text: str, finished: bool,
-             finish_reason: str | None) -> Op:
-        """The op publishing one step's delta (final when ``finished``). Hot path: the
-        event stays a plain map here; the publisher thread encodes it."""
+    def delta(self, token_ids: list[int], text: str) -> tuple:
+        """One step's non-final event, as the row the PUBLISH script encodes into the
+        event map: (entry id, job id, seq, token ids, text). Hot path (once per running
+        job per step, on the loop feeding the GPU): no map, no Op, no encoding here."""
         if self.first_token is None and token_ids:
             self.first_token = time.monotonic()
         self.token_ids += token_ids
-        self.text += text
+        self.text_parts.append(text)
         self.emitted_here += len(token_ids)
-        return self._op({"id": self.id, "seq": self.next_seq, "token_ids": token_ids,
-                         "text": text, "finished": finished,
-                         "finish_reason": finish_reason if finished else None, "error": None})
+        seq = self.next_seq
+        self.next_seq = seq + 1
+        return (self.adm.entry_id, self.adm.job_id, seq, token_ids, text)
+
+    def finish(self, token_ids: list[int], text: str, finish_reason: str) -> Op:
+        """The final op of a job that ends with this step's tokens (length, stop)."""
+        if self.first_token is None and token_ids:
+            self.first_token = time.monotonic()
+        self.token_ids += token_ids
+        self.text_parts.append(text)
+        self.emitted_here += len(token_ids)
+        return self._op(Event(self.id, self.next_seq, token_ids, text, True,
+                              finish_reason).to_map())
 
     def end(self, finish_reason: str, error: JobError | None = None) -> Op:
         """The final op of a job ended without (more) tokens: cancelled, expired, error."""

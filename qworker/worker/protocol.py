@@ -155,7 +155,9 @@ def validate_job(obj: Any) -> Job:
         job.messages = _messages(obj["messages"])
     else:
         ids = obj["prompt_token_ids"]
-        if not isinstance(ids, list) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
+        # type() is int: not a bool; set/min run in C (a prompt is up to ~100k ids, and the
+        # feeder validates a burst of them while the engine loop wants the GIL)
+        if not isinstance(ids, list) or not ids or set(map(type, ids)) != {int} or min(ids) < 0:
             raise JobError("invalid_prompt",
                            "prompt_token_ids must be a non-empty array of integers >= 0")
         job.prompt_token_ids = ids

@@ -2,7 +2,10 @@
 
 The engine loop hands over a batch of ops per step and never waits for Redis. Ops run in
 order, each a fenced Lua script (see ``scripts.py``): PUBLISH + XADD to the replay log,
-and on a final event SET NX the result, XACK + XDEL. While Redis is unreachable, batches
+and on a final event SET NX the result, XACK + XDEL. A step's non-final events travel as
+one ``deltas`` op of plain rows, and the PUBLISH script builds their event maps inside
+redis-server: the engine loop and this thread share one GIL, and a map plus an encode per
+running job per step was the largest share of the worker's Python beside the engine's. While Redis is unreachable, batches
 queue up and are flushed in order once it is back (the scripts are idempotent, so a
 batch cut off half-way is simply sent again). A refused password or a missing ACL
 permission is not retried: the batch is dropped (its entries stay pending in Redis and are
@@ -60,7 +63,9 @@ class Holdings:
 
 @dataclass(slots=True)
 class Op:
-    """One fenced write for one stream entry. ``kind``: publish | dead | handoff | ack."""
+    """One fenced write for one stream entry (``kind``: publish | dead | handoff | ack), or
+    one step's non-final events for many (``kind`` deltas: ``rows`` of (entry id, job id,
+    seq, token ids, text), encoded by the PUBLISH script)."""
 
     kind: str
     entry_id: str
@@ -71,6 +76,7 @@ class Op:
     result: dict | None = None
     fields: tuple = ()
     raw: bytes = b""
+    rows: list[tuple] | None = None
 
     @property
     def releases(self) -> bool:
@@ -78,8 +84,14 @@ class Op:
         return self.final or self.kind in ("handoff", "ack") or (self.kind == "dead" and
                                                                   self.job_id is None)
 
+    @property
+    def events(self) -> int:
+        """How many events (script items) this op writes: a batch is capped on these."""
+        return 1 if self.rows is None else len(self.rows)
+
 
 _PUBLISH_STATUS = {"o": "ok", "l": "lost", "d": "dup"}   # the PUBLISH script's reply chars
+_EVENTS = ("publish", "deltas")                            # the PUBLISH script's ops
 
 
 class Publisher(threading.Thread):
@@ -121,7 +133,8 @@ class Publisher(threading.Thread):
             if batch is None:
                 break
             ops = list(batch)
-            while len(ops) < self.max_batch:  # catch up: several steps in one round trip
+            events = sum(op.events for op in ops)
+            while events < self.max_batch:  # catch up: several steps in one round trip
                 try:
                     more = self.q.get_nowait()
                 except queue.Empty:
@@ -130,6 +143,7 @@ class Publisher(threading.Thread):
                     stopping = True
                     break
                 ops.extend(more)
+                events += sum(op.events for op in more)
             self._send(ops)
 
     def _send(self, ops: list[Op]) -> None:
@@ -167,17 +181,24 @@ class Publisher(threading.Thread):
                         log.error("publish op failed", op=call[0].kind, entry=call[0].entry_id,
                                   job_id=call[0].job_id, error=str(reply))
                     continue
-                if call[0].kind != "publish":
+                if call[0].kind not in _EVENTS:
                     self._done(call[0], reply.decode() if isinstance(reply, bytes) else reply)
                     continue
                 statuses = reply.decode() if isinstance(reply, bytes) else reply
-                if statuses.count("o") == len(call):      # the usual case: all published
+                if statuses.count("o") == len(statuses):  # the usual case: all published
                     for op in call:
                         if op.releases:
                             self.holdings.release(op.entry_id)
                     continue
-                for op, status in zip(call, statuses, strict=True):
-                    self._done(op, _PUBLISH_STATUS[status])
+                it = iter(statuses)
+                for op in call:
+                    if op.rows is None:
+                        self._done(op, _PUBLISH_STATUS[next(it)])
+                        continue
+                    for row in op.rows:                   # deltas never release an entry
+                        status = next(it)
+                        if status != "o":
+                            self._done(Op("publish", row[0], row[1]), _PUBLISH_STATUS[status])
             if retry:
                 if any(str(r).startswith("NOSCRIPT") for r in replies if isinstance(r, Exception)):
                     self.r = None  # Redis restarted without our scripts: reload them
@@ -197,10 +218,11 @@ class Publisher(threading.Thread):
 
     @staticmethod
     def _calls(ops: list[Op]) -> list[list[Op]]:
-        """Consecutive publish ops become one script call; others go one by one (in order)."""
+        """Consecutive publish and deltas ops become one script call; others go one by one
+        (in order)."""
         calls: list[list[Op]] = []
         for op in ops:
-            if op.kind == "publish" and calls and calls[-1][0].kind == "publish":
+            if op.kind in _EVENTS and calls and calls[-1][0].kind in _EVENTS:
                 calls[-1].append(op)
             else:
                 calls.append([op])
@@ -209,12 +231,16 @@ class Publisher(threading.Thread):
     def _add(self, pipe: redis.client.Pipeline, call: list[Op]) -> None:
         k, op = self.keys, call[0]
         base = (k.group, self.consumer, op.entry_id)
-        if op.kind == "publish":
-            packb = self.packb
-            batch = [(o.entry_id, o.job_id, o.log_id, packb(o.event), int(o.final),
-                      packb(o.result) if o.final else b"") for o in call]
+        if op.kind in _EVENTS:
+            packb, items = self.packb, []
+            for o in call:
+                if o.rows is not None:
+                    items += o.rows
+                else:
+                    items.append((o.entry_id, o.job_id, o.log_id, packb(o.event), int(o.final),
+                                  packb(o.result) if o.final else b""))
             pipe.evalsha(self.sha["publish"], 0, k.prefix, k.group, self.consumer, self.ttl_s,
-                         msgpack.packb(batch, use_bin_type=False))   # Lua's cmsgpack: no bin
+                         msgpack.packb(items, use_bin_type=False))   # Lua's cmsgpack: no bin
         elif op.kind == "dead":
             pipe.evalsha(self.sha["dead"], 2, k.jobs, k.dead, *base,
                          int(op.job_id is None), self.dead_maxlen, *op.fields)

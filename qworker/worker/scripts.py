@@ -15,20 +15,37 @@ end
 """
 
 # One step's events for many jobs in one call (the publisher's hot path).
-# ARGV: prefix, group, consumer, ttl s, msgpack array (non-bin encoding) of
-#       [entry id, job id, log entry id, event bytes, final 0/1, result bytes] per job.
+# ARGV: prefix, group, consumer, ttl s, msgpack array (non-bin encoding) of one item per
+#       event, either [entry id, job id, log entry id, event bytes, final 0/1, result bytes]
+#       (an event encoded by the worker: finals, errors, cancellations) or
+#       [entry id, job id, seq, token ids, text] (a step's delta, encoded here).
 # Key names follow keys.py: {prefix}:jobs, :out:{id}, :log:{id}, :result:{id}.
-# Returns one character per job, in order (a string, so that the client parses one reply,
+# Returns one character per item, in order (a string, so that the client parses one reply,
 # not one per job): 'o' ok, 'l' lost (fenced: the entry is not ours) or 'd' dup (another
 # delivery already wrote a different event at this seq: the job id is served elsewhere;
 # our entry is acked). Re-sending an identical event is a no-op, so a cut-off batch can be
 # resent.
-PUBLISH = OWNED + """
+#
+# A delta's event is built here, so that the worker's Python (under the GIL of the loop
+# feeding the GPU) does not encode one map per job per step. Its bytes are exactly what
+# msgpack-python packs for ``Event(id, seq, token_ids, text).to_map()`` (same key order,
+# same encodings: Redis's cmsgpack picks the smallest form as msgpack-python does), so a
+# replay-log entry compares equal whichever side encoded it; tests/test_protocol.py checks.
+# (A raw string: the \ddd escapes are Lua's, decimal byte values.)
+PUBLISH = OWNED + r"""
 local prefix, group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local jobs = prefix .. ':jobs'
+local pack = cmsgpack.pack
 local out = {}
 for i, it in ipairs(cmsgpack.unpack(ARGV[5])) do
-  local entry, id, logid, ev = it[1], it[2], it[3], it[4]
+  local entry, id, logid, ev, final = it[1], it[2], it[3], it[4], it[5] == 1
+  if type(ev) == 'table' then     -- a delta: {entry, id, seq, token ids, text}
+    final = false
+    logid = '0-' .. string.format('%d', it[3] + 1)
+    -- fixmap(7): id, seq, token_ids, text, finished=false, finish_reason=nil, error=nil
+    ev = '\135\162id' .. pack(id) .. '\163seq' .. pack(it[3]) .. '\169token_ids' .. pack(ev)
+      .. '\164text' .. pack(it[5]) .. '\168finished\194\173finish_reason\192\165error\192'
+  end
   local log = prefix .. ':log:' .. id
   local status = 'o'
   if not owned(jobs, group, entry, consumer) then
@@ -47,7 +64,7 @@ for i, it in ipairs(cmsgpack.unpack(ARGV[5])) do
     end
     if status == 'o' then
       redis.call('EXPIRE', log, ttl)
-      if it[5] == 1 then
+      if final then
         redis.call('SET', prefix .. ':result:' .. id, it[6], 'NX', 'EX', ttl)
         redis.call('XACK', jobs, group, entry)
         redis.call('XDEL', jobs, entry)

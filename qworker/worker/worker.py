@@ -183,18 +183,21 @@ class Worker:
             self._flush()
             return False
         if self.engine.has_unfinished():
-            counts, done = [], []
+            rows, counts, done = [], [], []
             for out in self.engine.step():
                 job = self.active.get(out.request_id)
                 if job is None:
                     continue
-                self.ops.append(job.step(out.new_token_ids, out.text, out.finished,
-                                         out.finish_reason))
-                n = len(out.new_token_ids)
-                self.tokens_out += n
-                counts.append((job.id, n))
+                ids = out.new_token_ids
                 if out.finished:
+                    self.ops.append(job.finish(ids, out.text, out.finish_reason))
                     done.append((job, out.finish_reason))
+                else:
+                    rows.append(job.delta(ids, out.text))
+                self.tokens_out += len(ids)
+                counts.append((job.id, len(ids)))
+            if rows:        # one op for the step's deltas, encoded by the PUBLISH script
+                self.ops.append(Op("deltas", "", rows=rows))
             self.metrics.step_tokens(counts)      # before the finishes: a 1-token job's TTFT
             for job, reason in done:
                 self._forget(job, reason)
