@@ -5,11 +5,11 @@ order, each a fenced Lua script (see ``scripts.py``): PUBLISH + XADD to the repl
 and on a final event SET NX the result, XACK + XDEL. A step's non-final events travel as
 one ``deltas`` op of plain rows, and the PUBLISH script builds their event maps inside
 redis-server: the engine loop and this thread share one GIL, and a map plus an encode per
-running job per step was the largest share of the worker's Python beside the engine's. While Redis is unreachable, batches
-queue up and are flushed in order once it is back (the scripts are idempotent, so a
-batch cut off half-way is simply sent again). A refused password or a missing ACL
-permission is not retried: the batch is dropped (its entries stay pending in Redis and are
-reclaimed after their lease) and ``on_fatal`` stops the worker.
+running job per step was the largest share of the worker's own Python. While Redis is
+unreachable, batches queue up and are flushed in order once it is back (the scripts are
+idempotent, so a batch cut off half-way is simply sent again). A refused password or a
+missing ACL permission is not retried: the batch is dropped (its entries stay pending in
+Redis and are reclaimed after their lease) and ``on_fatal`` stops the worker.
 """
 
 from __future__ import annotations
@@ -179,7 +179,8 @@ class Publisher(threading.Thread):
                         retry += call
                     else:
                         log.error("publish op failed", op=call[0].kind, entry=call[0].entry_id,
-                                  job_id=call[0].job_id, error=str(reply))
+                                  job_id=call[0].job_id, events=sum(o.events for o in call),
+                                  error=str(reply))
                     continue
                 if call[0].kind not in _EVENTS:
                     self._done(call[0], reply.decode() if isinstance(reply, bytes) else reply)

@@ -30,7 +30,7 @@ end
 # feeding the GPU) does not encode one map per job per step. Its bytes are exactly what
 # msgpack-python packs for ``Event(id, seq, token_ids, text).to_map()`` (same key order,
 # same encodings: Redis's cmsgpack picks the smallest form as msgpack-python does), so a
-# replay-log entry compares equal whichever side encoded it; tests/test_protocol.py checks.
+# replay-log entry compares equal whichever side encoded it; tests/test_publisher.py checks.
 # (A raw string: the \ddd escapes are Lua's, decimal byte values.)
 PUBLISH = OWNED + r"""
 local prefix, group, consumer, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
