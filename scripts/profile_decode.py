@@ -16,8 +16,14 @@ dependent launch off; every linear through cuBLAS, ``QWORKER_SKINNY_LINEAR=0``; 
 weight shape moved between the skinny GEMM and cuBLAS) and replayed alternately in this
 process.
 
+``--mid-run W_8b`` profiles real decode steps instead: the workload's requests all
+admitted and prefilled, its decode batch at the contexts it has reached (eager, so that
+the profiler sees every kernel), then ``--reps`` whole ``Engine.step()`` calls. Kernels
+are summed by kind per step; attention is set against the K/V bytes it had to read.
+
   python scripts/profile_decode.py --shape llama8b --batch 1 [--blas] [--ab-batches 1,8,32]
       [--variants default,cublas,gu_cublas,qo_cublas,down_ours]
+  python scripts/profile_decode.py --mid-run W_8b --skip 64
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_offline import SHAPES, make_checkpoint  # noqa: E402
+from bench_offline import SHAPES, WORKLOADS, make_checkpoint, random_workload  # noqa: E402
 
 
 def main() -> None:
@@ -46,7 +52,16 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--variants", default="default,no_pdl,cublas",
                     help=f"which of {', '.join(VARIANTS)} --ab-batches compares")
+    ap.add_argument("--mid-run", default="", choices=["", *WORKLOADS],
+                    help="profile this workload's real decode steps (see above)")
+    ap.add_argument("--skip", type=int, default=32,
+                    help="--mid-run: decode steps to run after the last prefill first")
     a = ap.parse_args()
+    if a.mid_run:
+        if not torch.cuda.is_available():
+            raise SystemExit("needs CUDA")
+        mid_run(a.mid_run, a.skip, a.reps)
+        return
     ab = [int(b) for b in a.ab_batches.split(",") if b]
     unknown = sorted(set(a.variants.split(",")) - set(VARIANTS))
     if unknown:
@@ -87,6 +102,63 @@ def main() -> None:
         blas_linears(model)
     if ab:
         variant_replays(runner, ab, a.context, a.variants.split(","))
+
+
+# kernel name fragments -> kind, first match wins (GEMMs are cuBLAS's nvjet/cutlass/gemm
+# kernels, its split-K reduce, or our skinny GEMM)
+KINDS = (("attention", ("paged_attention", "attn", "merge")), ("gemm", ("nvjet", "gemm", "cutlass",
+         "splitkreduce", "skinny", "_linear")), ("norm", ("rms_norm",)),
+         ("rotary + kv store", ("rotary", "store")), ("silu_and_mul", ("silu",)))
+
+
+def mid_run(workload: str, skip: int, reps: int) -> None:
+    """Profile ``reps`` decode steps of ``workload`` once every request is prefilled."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from qworker import LLM, SamplingParams
+    w = WORKLOADS[workload]
+    shape = SHAPES[w["shape"]]
+    llm = LLM(make_checkpoint(w["shape"], None, with_weights=False), device="cuda",
+              dtype="bfloat16", max_num_seqs=w["n"], max_model_len=2560,
+              load_format="dummy", enforce_eager=True)
+    eng = llm.engine
+    for i, (ids, n) in enumerate(random_workload(w["n"], w["inp"], w["out"],
+                                                 shape["vocab_size"])):
+        eng.add_request(f"r{i}", ids, SamplingParams(max_tokens=n, temperature=0.0,
+                                                     ignore_eos=True))
+    sched = eng.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                               for r in sched.running):
+        eng.step()
+    for _ in range(skip):
+        eng.step()
+    running = list(sched.running)
+    batch, ctx = len(running), sum(r.num_tokens for r in running)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(reps):
+            eng.step()
+        torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    for ev in p.key_averages():
+        us = ev.self_device_time_total / reps
+        if us <= 0:
+            continue
+        name = ev.key.lower()
+        kind = next((k for k, frags in KINDS if any(f in name for f in frags)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=14,
+                                 max_name_column_width=70))
+    total = sum(kinds.values())
+    # K/V bytes one decode step reads: every running token's K and V in every layer
+    kv = ctx * shape["num_hidden_layers"] * 2 * shape["num_key_value_heads"] * \
+        shape.get("head_dim", shape["hidden_size"] // shape["num_attention_heads"]) * 2
+    print(f"\n{workload} mid-run: batch {batch}, mean context {ctx / batch:.0f} tokens, "
+          f"{reps} steps; GPU time per step by kind:")
+    for k, us in sorted(kinds.items(), key=lambda kv_: -kv_[1]):
+        extra = f", {kv / us / 1e6:.2f} TB/s of K/V" if k == "attention" else ""
+        print(f"  {k:18s} {us / 1e3:7.3f} ms ({us / total:5.1%}){extra}")
+    print(f"  {'all kernels':18s} {total / 1e3:7.3f} ms; K/V read {kv / 1e9:.2f} GB a step")
 
 
 BACKENDS = ("cublas", "cublaslt")

@@ -93,13 +93,16 @@ class LLM:
             for rid in ids:      # all or nothing: a bad prompt leaves no orphans behind
                 self.engine.abort(rid)
             raise
+        pieces: dict[str, list[str]] = {rid: [] for rid in ids}   # texts joined once at the end
         while self.engine.has_unfinished():
             for o in self.engine.step():
                 out = outputs[o.request_id]
                 out.token_ids.extend(o.new_token_ids)
-                out.text += o.text
+                pieces[o.request_id].append(o.text)
                 if o.finished:
                     out.finish_reason = o.finish_reason
+        for rid in ids:
+            outputs[rid].text = "".join(pieces[rid])
         return [outputs[rid] for rid in ids]
 
     def chat(self, conversations: list[dict] | list[list[dict]],
