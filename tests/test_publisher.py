@@ -1,5 +1,6 @@
-"""The publisher's PUBLISH script against a real redis-server: a step's deltas are encoded
-by the script, byte for byte as the worker encodes an event, and fenced per job."""
+"""The publisher against a real redis-server: a step's deltas are encoded by the PUBLISH
+script, byte for byte as the worker encodes an event, and fenced per job; a publisher
+that dies of a bug stops its worker, whose job then finishes on another."""
 
 from __future__ import annotations
 
@@ -132,3 +133,79 @@ def test_a_backlog_is_sent_in_batches_capped_on_events(server):
     assert p.close(timeout=10)
     assert sum(sent) == 30 and max(sent) <= 8 + 2 and len(sent) >= 4
     assert r.xlen(keys.log("j")) == 30
+
+
+def test_a_publisher_that_dies_of_a_bug_says_so(server):
+    """A batch that cannot be encoded (a lone surrogate in a text) is a bug, not a Redis
+    outage: the thread reports it through ``on_crash`` instead of dying silently."""
+    r = server.client()
+    r.flushall()
+    crashes: list[Exception] = []
+    p = Publisher(RedisSettings.from_url(server.url), Keys(), CONSUMER, Holdings(), print,
+                  ttl_s=600, on_crash=crashes.append)
+    p.start()
+    p.submit([Op("deltas", "", rows=[("1-0", "j", 0, [1], "\ud800")])])
+    p.join(10)
+    assert not p.is_alive() and len(crashes) == 1
+    assert isinstance(crashes[0], UnicodeEncodeError) and p.crashed is crashes[0]
+    assert p.close(timeout=1) is False                  # nothing more was sent
+
+
+def test_a_worker_whose_publisher_crashes_stops_and_its_job_finishes_elsewhere(
+        server, tiny_checkpoint):
+    """Fault injected into a real worker's publisher: the worker stops at once (it must not
+    keep renewing leases of jobs it can no longer publish), the job stays pending, and a
+    healthy worker resumes it after the lease, with nothing lost."""
+    import threading
+
+    from redis_support import InProcessWorker
+
+    from qworker.config import EngineConfig
+    from qworker.engine.engine import Engine
+    from qworker.worker.client import Client
+    from qworker.worker.worker import Worker, WorkerCrashed, WorkerSettings
+
+    server.client().flushall()
+
+    def engine():
+        return Engine(str(tiny_checkpoint("llama")), EngineConfig(max_num_seqs=4,
+                                                                  num_kv_blocks=128),
+                      device="cpu", dtype="float32")
+
+    w = Worker(engine(), WorkerSettings(RedisSettings.from_url(server.url), name="w-crash",
+                                        lease_ms=1000))
+
+    def fault(ops):
+        raise RuntimeError("injected publisher fault")
+
+    w.publisher._calls = fault
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            w.run(install_signals=False)
+        except BaseException as e:  # noqa: BLE001 - the test inspects what run() raised
+            raised.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    client = Client(server.url)
+    try:
+        jid = client.submit(prompt="Hello", max_tokens=8, temperature=0.0, ignore_eos=True)
+        t.join(30)
+        assert not t.is_alive(), "the worker kept running without a publisher"
+        assert len(raised) == 1 and isinstance(raised[0], WorkerCrashed)
+        assert "injected publisher fault" in str(raised[0])
+        r = server.client()
+        assert r.xpending("qworker:jobs", "workers")["pending"] == 1     # held, not lost
+        healthy = InProcessWorker(engine(), server.url, "w-healthy", lease_ms=1000)
+        try:
+            res = client.result(jid, timeout=30)
+            assert res.finish_reason == "length" and len(res.token_ids) == 8
+            events = list(client.stream(jid, timeout=30))
+            assert [e.seq for e in events] == list(range(len(events)))
+            assert [t for e in events for t in e.token_ids] == res.token_ids
+        finally:
+            healthy.stop()
+    finally:
+        client.close()

@@ -89,7 +89,7 @@ def worker(redis_url, prefix, model, name, group, gpus, tensor_parallel_size, de
     from qworker.metrics import MetricsServer, WorkerMetrics
     from qworker.worker.connection import RedisAccessError, RedisSettings
     from qworker.worker.keys import Keys
-    from qworker.worker.worker import Worker, WorkerSettings, check_redis_access
+    from qworker.worker.worker import Worker, WorkerCrashed, WorkerSettings, check_redis_access
 
     configure_logging(log_level, json={"auto": None, "json": True, "console": False}[log_format])
     log = get_logger("qworker.cli")
@@ -143,6 +143,8 @@ def worker(redis_url, prefix, model, name, group, gpus, tensor_parallel_size, de
         Worker(engine, settings, model_name=str(model), metrics=metrics).run()
     except RedisAccessError as e:
         raise AccessRefused(str(e)) from None
+    except WorkerCrashed as e:   # logged with its traceback where it happened; exit 1, so
+        raise click.ClickException(f"{e}; the worker stopped") from None   # it is restarted
     finally:
         engine.close()
 

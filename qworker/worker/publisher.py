@@ -9,7 +9,9 @@ running job per step was the largest share of the worker's own Python. While Red
 unreachable, batches queue up and are flushed in order once it is back (the scripts are
 idempotent, so a batch cut off half-way is simply sent again). A refused password or a
 missing ACL permission is not retried: the batch is dropped (its entries stay pending in
-Redis and are reclaimed after their lease) and ``on_fatal`` stops the worker.
+Redis and are reclaimed after their lease) and ``on_fatal`` stops the worker. So does
+``on_crash`` when this thread dies of a bug: a worker that can no longer publish must not
+keep holding (and renewing) its jobs, which then resume elsewhere after their lease.
 """
 
 from __future__ import annotations
@@ -101,10 +103,13 @@ class Publisher(threading.Thread):
     def __init__(self, settings: RedisSettings, keys: Keys, consumer: str, holdings: Holdings,
                  on_lost: Callable[[str], None], ttl_s: int, dead_maxlen: int = 100_000,
                  max_batch: int = 512,
-                 on_fatal: Callable[[RedisAccessError], None] | None = None):
+                 on_fatal: Callable[[RedisAccessError], None] | None = None,
+                 on_crash: Callable[[Exception], None] | None = None):
         super().__init__(name="qworker-publisher", daemon=True)
         self.settings, self.keys, self.consumer = settings, keys, consumer
         self.holdings, self.on_lost, self.on_fatal = holdings, on_lost, on_fatal
+        self.on_crash = on_crash
+        self.crashed: Exception | None = None
         self.ttl_s, self.dead_maxlen, self.max_batch = ttl_s, dead_maxlen, max_batch
         self.q: queue.Queue[list[Op] | None] = queue.Queue()
         self.r: redis.Redis | None = None
@@ -121,12 +126,22 @@ class Publisher(threading.Thread):
         """Flush what is queued (up to ``timeout`` s) and stop; True if all was sent."""
         self.q.put(None)
         self.join(timeout)
-        return not self.is_alive()
+        return not self.is_alive() and self.crashed is None
 
     def pending(self) -> int:
         return self.q.qsize()
 
     def run(self) -> None:
+        try:
+            self._run()
+        except Exception as e:   # a bug (Redis errors are retried inside): stop the worker
+            self.crashed = e
+            log.exception("publisher crashed; the worker stops, its jobs resume elsewhere "
+                          "after their lease", queued_batches=self.q.qsize())
+            if self.on_crash is not None:
+                self.on_crash(e)
+
+    def _run(self) -> None:
         stopping = False
         while not stopping:
             batch = self.q.get()

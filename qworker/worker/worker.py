@@ -7,7 +7,9 @@ The loop itself never touches Redis: the Feeder thread pulls and renews leases, 
 Publisher thread writes events and results, the CancelListener follows cancellations.
 So generation goes on while Redis is away, and nothing the loop produced is dropped.
 A refused password or a missing ACL permission is different: nothing will fix it by
-retrying, so the worker stops and ``run()`` raises ``RedisAccessError``.
+retrying, so the worker stops and ``run()`` raises ``RedisAccessError``. If the publisher
+thread dies of a bug, the worker stops at once too (``run()`` raises ``WorkerCrashed``):
+its jobs stay pending in Redis and resume on another worker after their lease.
 
 Observability: the loop feeds a ``WorkerMetrics`` (qworker/metrics.py; served by the CLI's
 ``--metrics-port``) and writes one ``job finished`` line per job (``logs.job_summary``);
@@ -42,6 +44,10 @@ from qworker.worker.publisher import Holdings, Op, Publisher
 from qworker.worker.scripts import ACK, DEAD_LETTER, HANDOFF, PUBLISH, RENEW
 
 log = structlog.get_logger("qworker.worker")
+
+
+class WorkerCrashed(RuntimeError):
+    """A thread the loop depends on died of a bug; the worker stopped without draining."""
 
 
 @dataclass(slots=True)
@@ -96,7 +102,7 @@ class Worker:
                  metrics: WorkerMetrics | None = None):
         self.engine, self.s, self.model_name = engine, settings, model_name
         self.metrics = metrics or WorkerMetrics(worker=settings.name, model=model_name)
-        self.fatal: RedisAccessError | None = None
+        self.fatal: RedisAccessError | WorkerCrashed | None = None
         self.inbox: queue.Queue = queue.Queue()
         self.holdings = Holdings()
         limit = getattr(getattr(engine, "config", None), "max_num_seqs", 1 << 30)
@@ -116,7 +122,8 @@ class Worker:
                              settings.lease_ms, self.heartbeat, self.metrics, on_fatal)
         self.publisher = Publisher(settings.redis, settings.keys, settings.name, self.holdings,
                                    lambda e: self.inbox.put(("lost", e)), settings.result_ttl_s,
-                                   settings.dead_maxlen, on_fatal=on_fatal)
+                                   settings.dead_maxlen, on_fatal=on_fatal,
+                                   on_crash=lambda e: self.inbox.put(("crash", e)))
         self.cancel_listener = CancelListener(settings.redis, settings.keys, self.holdings,
                                               self.inbox, on_fatal)
 
@@ -220,6 +227,8 @@ class Worker:
                     self._lost(payload)
                 elif kind == "fatal":
                     self._fatal(payload)
+                elif kind == "crash":
+                    self._crash(payload)
                 item = self.inbox.get_nowait()
         except queue.Empty:
             return consumed
@@ -292,6 +301,16 @@ class Worker:
         if self.fatal is None:
             self.fatal = err
             log.error("stopping: redis refused access", error=str(err))
+            self.stop(drain_timeout=0)
+
+    def _crash(self, err: Exception) -> None:
+        """The publisher died: nothing this loop makes can reach Redis any more. Stop at
+        once (hand-offs cannot be sent either); the jobs held here stay pending and
+        another worker resumes them from their replay logs after the lease."""
+        if self.fatal is None:
+            self.fatal = WorkerCrashed(f"the publisher thread crashed: {type(err).__name__}: "
+                                       f"{err}")
+            log.error("stopping: the publisher thread crashed", error=str(self.fatal))
             self.stop(drain_timeout=0)
 
     def _expire(self) -> None:
