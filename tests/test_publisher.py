@@ -8,6 +8,7 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis_support import InProcessWorker, wait_for
 
 from qworker.worker.connection import RedisSettings
 from qworker.worker.keys import Keys
@@ -58,15 +59,16 @@ EDGE = [("job-1", 0, [5], " the"), ("j", 1, [], ""), ("j2", 127, [0, 127, 128], 
 def test_a_delta_is_published_and_logged_as_the_worker_encodes_its_event(
         pub, job_id, seq, token_ids, text):
     entry = pub.own(job_id)
-    ps = pub.redis.pubsub(ignore_subscribe_messages=True)
+    ps = pub.redis.pubsub()
     ps.subscribe(pub.keys.out(job_id))
-    ps.get_message(timeout=1)
+    wait_for(lambda: (ps.get_message(timeout=0.1) or {}).get("type") == "subscribe", 10,
+             what="the subscription")
     pub._send([Op("deltas", "", rows=[(entry, job_id, seq, token_ids, text)])])
     want = wire(job_id, seq, token_ids, text)
     assert logged(pub, job_id) == [want]
     assert pub.redis.xrange(pub.keys.log(job_id))[0][0].decode() == log_entry_id(seq)
-    live = ps.get_message(timeout=5)
-    assert live is not None and live["data"] == want
+    live = wait_for(lambda: ps.get_message(timeout=0.1), 10, what="the live event")
+    assert live["type"] == "message" and live["data"] == want
     assert Event.from_map(msgpack.unpackb(live["data"])) == Event(job_id, seq, token_ids, text)
     assert pub.lost == [] and entry in pub.holdings.snapshot()   # a delta keeps the entry
 
@@ -157,8 +159,6 @@ def test_a_worker_whose_publisher_crashes_stops_and_its_job_finishes_elsewhere(
     keep renewing leases of jobs it can no longer publish), the job stays pending, and a
     healthy worker resumes it after the lease, with nothing lost."""
     import threading
-
-    from redis_support import InProcessWorker
 
     from qworker.config import EngineConfig
     from qworker.engine.engine import Engine
