@@ -52,24 +52,24 @@ class ActiveJob:
         """One step's non-final event, as the row the PUBLISH script encodes into the
         event map: (entry id, job id, seq, token ids, text). Hot path (once per running
         job per step, on the loop feeding the GPU): no map, no Op, no encoding here."""
-        if self.first_token is None and token_ids:
-            self.first_token = time.monotonic()
-        self.token_ids += token_ids
-        self.text_parts.append(text)
-        self.emitted_here += len(token_ids)
+        self._record(token_ids, text)
         seq = self.next_seq
         self.next_seq = seq + 1
         return (self.adm.entry_id, self.adm.job_id, seq, token_ids, text)
 
     def finish(self, token_ids: list[int], text: str, finish_reason: str) -> Op:
         """The final op of a job that ends with this step's tokens (length, stop)."""
+        self._record(token_ids, text)
+        return self._op(Event(self.id, self.next_seq, token_ids, text, True,
+                              finish_reason).to_map())
+
+    def _record(self, token_ids: list[int], text: str) -> None:
+        """This step's tokens and text join the output (the first ones set the TTFT)."""
         if self.first_token is None and token_ids:
             self.first_token = time.monotonic()
         self.token_ids += token_ids
         self.text_parts.append(text)
         self.emitted_here += len(token_ids)
-        return self._op(Event(self.id, self.next_seq, token_ids, text, True,
-                              finish_reason).to_map())
 
     def end(self, finish_reason: str, error: JobError | None = None) -> Op:
         """The final op of a job ended without (more) tokens: cancelled, expired, error."""
