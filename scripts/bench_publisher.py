@@ -11,6 +11,8 @@ reply handling). Two ways, alternated step by step in one run:
   by the publisher thread (the path of final events, and of every event before the
   script built deltas).
 Reports, per step, the wall time and the process CPU time of each part, and the ratio.
+``--breakdown`` then times copies of the PUBLISH script with one command left out each
+(the fence, XADD, PUBLISH, EXPIRE), to show what an event costs redis-server.
 Starts its own redis-server on a free port.
 
   python scripts/bench_publisher.py --jobs 256 --steps 200
@@ -24,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,6 +39,7 @@ from qworker.worker.jobs import ActiveJob  # noqa: E402
 from qworker.worker.keys import Keys  # noqa: E402
 from qworker.worker.protocol import Event, log_entry_id  # noqa: E402
 from qworker.worker.publisher import Holdings, Op, Publisher  # noqa: E402
+from qworker.worker.scripts import PUBLISH  # noqa: E402
 
 
 def main() -> None:
@@ -43,6 +47,8 @@ def main() -> None:
                                  formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--jobs", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the script with each command left out")
     a = ap.parse_args()
     proc, url = start_redis()
     try:
@@ -111,8 +117,45 @@ def main() -> None:
         ratio = ((cpu_ms["maps_loop"] + cpu_ms["maps_publish"])
                  / (cpu_ms["rows_loop"] + cpu_ms["rows_publish"]))
         print(f"worker-process CPU per step, maps / rows: {ratio:.2f}x")
+        if a.breakdown:
+            script_breakdown(r, keys, consumer, entries, a.steps)
     finally:
         proc.terminate()
+
+
+# the PUBLISH script with one command left out (the Lua it replaces -> a no-op)
+LEFT_OUT = {"fence": ("if not owned(jobs, group, entry, consumer) then", "if false then"),
+            "XADD": ("local added = redis.pcall('XADD', log, logid, 'event', ev)",
+                     "local added = 1"),
+            "PUBLISH": ("redis.call('PUBLISH', prefix .. ':out:' .. id, ev)", ""),
+            "EXPIRE": ("redis.call('EXPIRE', log, ttl)", "")}
+
+
+def script_breakdown(r: redis.Redis, keys: Keys, consumer: str, entries: list[str],
+                     steps: int) -> None:
+    """redis-server's time per call of the PUBLISH script on one step of deltas, whole and
+    with each command left out in turn (alternated call by call; each variant writes its
+    own jobs' logs)."""
+    variants = {"whole": PUBLISH}
+    for name, (lua, instead) in LEFT_OUT.items():
+        if lua not in PUBLISH:
+            raise SystemExit(f"the PUBLISH script no longer holds {lua!r}: update LEFT_OUT")
+        variants[name] = PUBLISH.replace(lua, instead)
+    shas = {k: r.script_load(v) for k, v in variants.items()}
+    usec = dict.fromkeys(variants, 0)
+    for step in range(steps + 5):
+        for name, sha in shas.items():
+            rows = [(e, f"{name}-{i}", step, [1000 + step], " tok") for i, e in enumerate(entries)]
+            before = r.info("commandstats")["cmdstat_evalsha"]["usec"]
+            r.evalsha(sha, 0, keys.prefix, keys.group, consumer, 600,
+                      msgpack.packb(rows, use_bin_type=False))
+            if step >= 5:
+                usec[name] += r.info("commandstats")["cmdstat_evalsha"]["usec"] - before
+    whole = usec["whole"] / steps / 1e3
+    print(f"PUBLISH script, one call of {len(entries)} deltas: {whole:.3f} ms in redis-server")
+    for name in LEFT_OUT:
+        saved = whole - usec[name] / steps / 1e3
+        print(f"  {name:8s} {saved:.3f} ms ({saved / whole:.0%})")
 
 
 if __name__ == "__main__":
