@@ -263,14 +263,14 @@ def test_backlog_of_10000_jobs_keeps_worker_memory_flat(tiny, server, procs):
     # moment to the next (allocator arenas taken and given back), so one reading per
     # point is noise; a leak shows as a rising floor, the lowest RSS over a window.
     samples: list[tuple[int, int, int]] = []
-    rs = server.client()
+    deadline = time.monotonic() + 120
     while True:
-        done = 10_000 - rs.xlen(KEYS.jobs)
-        samples.append((done, rss_bytes(w.proc.pid), rs.xpending(KEYS.jobs, KEYS.group)["pending"]))
+        done = 10_000 - r.xlen(KEYS.jobs)
+        samples.append((done, rss_bytes(w.proc.pid), r.xpending(KEYS.jobs, KEYS.group)["pending"]))
         if done >= 2200:
             break
         assert w.proc.poll() is None, w.output()
-        assert len(samples) < 6000, f"too slow: {done} jobs done after {len(samples)} samples"
+        assert time.monotonic() < deadline, f"too slow: {done} jobs done in 120 s"
         time.sleep(0.01)
     pending = [p for _, _, p in samples]
     assert max(pending) <= 16, f"pulled more than it can run: {max(pending)}"
@@ -278,7 +278,7 @@ def test_backlog_of_10000_jobs_keeps_worker_memory_flat(tiny, server, procs):
 
     def floor(lo: int, hi: int) -> int:
         window = [rss for done, rss, _ in samples if lo <= done < hi]
-        assert len(window) >= 3, f"too few samples between {lo} and {hi} jobs: {samples}"
+        assert len(window) >= 3, f"{len(window)} samples between {lo} and {hi} jobs done"
         return min(window)
 
     early, late = floor(400, 1000), floor(1600, 2200)
